@@ -1,0 +1,1 @@
+"""Everything that touches disk: data sets, run files (HDF5) and checkpoints."""

@@ -1,0 +1,9 @@
+"""The one exception type that reaches the user as a one-line message."""
+
+
+class InputError(Exception):
+    """Bad user input or a bad file: the message is one clear line for the user.
+
+    The command-line layer turns it into ``click.ClickException`` (exit code 1);
+    library callers catch it like any other exception.
+    """

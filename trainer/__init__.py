@@ -1,0 +1,1 @@
+"""The minimal trainer: model zoo and a training loop that saves every epoch."""
