@@ -1,0 +1,52 @@
+"""Grad-CAM and the Reaction value as pure tensor functions (SPEC §2; thesis eq. 3.1–3.3).
+
+No I/O, no device decisions: every function works on whatever device its inputs are on.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+SCORES = ("logit", "softmax")
+TARGETS = ("label", "pred")
+
+
+def target_scores(logits: Tensor, targets: Tensor, score: str = "logit") -> Tensor:
+    """The score y^c of each image's target class c (thesis eq. 3.1).
+
+    Args:
+        logits: ``[B, classes]`` pre-softmax outputs.
+        targets: ``[B]`` class indices.
+        score: ``"logit"`` (y^c itself, the default) or ``"softmax"`` (its probability,
+            kept to reproduce seed 001's comparison: the gradient vanishes when confident).
+    """
+    if score == "softmax":
+        logits = torch.softmax(logits, dim=1)
+    elif score != "logit":
+        raise ValueError(f"score must be one of {SCORES}, got {score!r}")
+    return logits.gather(1, targets.view(-1, 1)).squeeze(1)
+
+
+def channel_weights(gradients: Tensor) -> Tensor:
+    """alpha_k = (1 / (H·W)) · Σ_ij ∂y^c/∂A^k_ij: ``[B, K, H, W]`` → ``[B, K]``."""
+    return gradients.mean(dim=(2, 3))
+
+
+def grad_cam_map(activations: Tensor, gradients: Tensor) -> Tensor:
+    """L = ReLU(Σ_k alpha_k · A^k) at the layer's own resolution: ``[B, H, W]``."""
+    weights = channel_weights(gradients)
+    return torch.relu(torch.einsum("bk,bkhw->bhw", weights, activations))
+
+
+def reaction_from_map(cam: Tensor) -> tuple[Tensor, Tensor]:
+    """Reaction = Σ_ij L_ij / pN with pN = #{L_ij > 0} (thesis eq. 3.3).
+
+    Returns:
+        ``(reaction [B], empty [B])``; an empty map (pN = 0) has Reaction 0.
+    """
+    flat = cam.flatten(1)
+    positive = (flat > 0).sum(dim=1)
+    empty = positive == 0
+    reaction = flat.sum(dim=1) / positive.clamp(min=1).to(flat.dtype)
+    return reaction, empty

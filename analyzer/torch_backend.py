@@ -1,0 +1,152 @@
+"""PyTorch backend: batched Grad-CAM with one forward and one ``autograd.grad`` per batch.
+
+The target layer's output is replaced, inside a forward hook, by a detached copy that
+requires grad. Parameters are frozen for the duration of the call. So the forward pass
+builds an autograd graph only *after* the target layer, and the backward pass stops there:
+nothing before the layer is differentiated, and no parameter receives a ``.grad``.
+Because every image's score depends on that image alone in eval mode, the gradient of the
+summed target scores is every image's own gradient.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from analyzer.gradcam import SCORES, TARGETS, grad_cam_map, reaction_from_map, target_scores
+from store.errors import InputError
+
+
+@dataclass
+class BatchResult:
+    """What one batch yields: logits and, per image, the Reaction and empty-map flag."""
+
+    logits: Tensor
+    reaction: Tensor
+    empty: Tensor
+    cam: Tensor | None = None
+
+
+def find_layer(model: nn.Module, name: str) -> nn.Module:
+    """The sub-module called ``name``; InputError listing close names when there is none."""
+    modules = dict(model.named_modules())
+    if name in modules and name:
+        return modules[name]
+    close = difflib.get_close_matches(name, [n for n in modules if n], n=5, cutoff=0.5)
+    hint = f"; close names: {', '.join(close)}" if close else ""
+    raise InputError(f"layer {name!r} does not exist in the model{hint}")
+
+
+class _ActivationCapture:
+    """Forward hook that cuts the graph at the layer and keeps its output as a leaf."""
+
+    def __init__(self, layer_name: str) -> None:
+        self.layer_name = layer_name
+        self.activation: Tensor | None = None
+
+    def __call__(self, module: nn.Module, inputs: tuple, output: Tensor) -> Tensor:
+        if not isinstance(output, Tensor) or output.dim() != 4:
+            shape = tuple(output.shape) if isinstance(output, Tensor) else type(output).__name__
+            raise InputError(f"layer {self.layer_name!r} gives {shape}, not a feature map "
+                             "[batch, channels, height, width]: choose a convolutional layer")
+        self.activation = output.detach().requires_grad_(True)
+        # A copy goes downstream, so an in-place op after the layer cannot alter A.
+        return self.activation.clone()
+
+
+@contextlib.contextmanager
+def _frozen_parameters(model: nn.Module) -> Iterator[None]:
+    flags = [(parameter, parameter.requires_grad) for parameter in model.parameters()]
+    for parameter, _ in flags:
+        parameter.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for parameter, flag in flags:
+            parameter.requires_grad_(flag)
+
+
+@contextlib.contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+class TorchBackend:
+    """Compute Reaction for batches of images with a PyTorch model.
+
+    Args:
+        model: any ``nn.Module`` classifier returning logits ``[B, classes]``.
+        layer: qualified name of the target layer (``model.named_modules()``).
+        device: where the model runs; images passed to :meth:`compute` must be there.
+        score: ``"logit"`` (default) or ``"softmax"``.
+        target: ``"label"`` (the true class, default) or ``"pred"`` (the predicted class).
+    """
+
+    name = "torch"
+
+    def __init__(self, model: nn.Module, layer: str, device: str | torch.device = "cpu",
+                 score: str = "logit", target: str = "label") -> None:
+        if score not in SCORES:
+            raise InputError(f"score must be one of {', '.join(SCORES)}, got {score!r}")
+        if target not in TARGETS:
+            raise InputError(f"target must be one of {', '.join(TARGETS)}, got {target!r}")
+        self.device = torch.device(device)
+        self.model = model.to(self.device)
+        self.layer = layer
+        self.module = find_layer(model, layer)
+        self.score = score
+        self.target = target
+
+    def load_weights(self, state_dict: dict[str, Tensor]) -> None:
+        """Load a checkpoint's weights; InputError naming the keys that do not fit."""
+        expected = self.model.state_dict()
+        missing = sorted(set(expected) - set(state_dict))
+        unexpected = sorted(set(state_dict) - set(expected))
+        wrong_shape = sorted(key for key in set(expected) & set(state_dict)
+                             if expected[key].shape != state_dict[key].shape)
+        if missing or unexpected or wrong_shape:
+            raise InputError("weights do not fit the model: " + _describe_mismatch(
+                missing, unexpected, wrong_shape))
+        self.model.load_state_dict(state_dict)
+
+    def compute(self, images: Tensor, labels: Tensor, keep_maps: bool = False) -> BatchResult:
+        """One forward and one ``autograd.grad`` for the whole batch (eval mode, float32)."""
+        capture = _ActivationCapture(self.layer)
+        handle = self.module.register_forward_hook(capture)
+        try:
+            with _eval_mode(self.model), _frozen_parameters(self.model), torch.enable_grad():
+                logits = self.model(images)
+                if capture.activation is None:
+                    raise InputError(f"layer {self.layer!r} was not used by the forward pass")
+                targets = labels if self.target == "label" else logits.argmax(dim=1)
+                scores = target_scores(logits, targets, self.score)
+                (gradients,) = torch.autograd.grad(scores.sum(), capture.activation,
+                                                   allow_unused=True)
+        finally:
+            handle.remove()
+        activation = capture.activation.detach()
+        if gradients is None:
+            gradients = torch.zeros_like(activation)
+        cam = grad_cam_map(activation, gradients)
+        reaction, empty = reaction_from_map(cam)
+        return BatchResult(logits.detach(), reaction, empty, cam if keep_maps else None)
+
+
+def _describe_mismatch(missing: list[str], unexpected: list[str], wrong_shape: list[str]) -> str:
+    parts = []
+    for label, keys in (("missing", missing), ("unexpected", unexpected),
+                        ("wrong shape", wrong_shape)):
+        if keys:
+            shown = ", ".join(keys[:5]) + (f" (+{len(keys) - 5} more)" if len(keys) > 5 else "")
+            parts.append(f"{label}: {shown}")
+    return "; ".join(parts)

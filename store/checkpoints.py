@@ -1,0 +1,131 @@
+"""Checkpoint files: one safetensors file per epoch, plus one resume file per run.
+
+A checkpoint holds the model's weights only (parameters and batch-norm buffers) and, in the
+safetensors metadata, what is needed to rebuild the model: the zoo spec (JSON), the class
+names and the epoch. The resume file additionally holds the optimizer state and the record of
+the epoch it was written after. Both are written atomically (temporary file + rename) and
+never contain pickles.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load, save
+
+from store.errors import InputError
+
+CHECKPOINT_FORMAT = "reaction-checkpoint"
+RESUME_FORMAT = "reaction-resume"
+RESUME_FILE = "resume.safetensors"
+_OPTIMIZER_PREFIX = "optimizer."
+_MODEL_PREFIX = "model."
+
+
+def checkpoint_name(epoch: int) -> str:
+    """File name of an epoch's checkpoint, e.g. ``epoch_0001.safetensors``."""
+    return f"epoch_{epoch:04d}.safetensors"
+
+
+def write_atomically(path: Path, payload: bytes) -> None:
+    """Write ``payload`` to ``path`` via a temporary file in the same folder and a rename."""
+    path = Path(path)
+    descriptor, temporary = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp",
+                                             dir=path.parent)
+    try:
+        with os.fdopen(descriptor, "wb") as handle:
+            handle.write(payload)
+        os.replace(temporary, path)
+    finally:
+        Path(temporary).unlink(missing_ok=True)
+
+
+def sha256_file(path: Path) -> str:
+    """Hex SHA-256 of a file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def save_checkpoint(path: Path, state_dict: dict[str, torch.Tensor],
+                    metadata: dict[str, str]) -> str:
+    """Write a weights-only checkpoint atomically and return its SHA-256.
+
+    Args:
+        path: target file (``.safetensors``).
+        state_dict: the model's ``state_dict()`` (parameters and buffers).
+        metadata: strings stored in the safetensors header (epoch, model spec, classes).
+    """
+    tensors = {name: tensor.detach().cpu().contiguous() for name, tensor in state_dict.items()}
+    payload = save(tensors, metadata={"format": CHECKPOINT_FORMAT, **metadata})
+    write_atomically(path, payload)
+    return hashlib.sha256(payload).hexdigest()
+
+
+def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Read a safetensors checkpoint: ``(state_dict, metadata)``; InputError if unreadable."""
+    payload = _read_bytes(path, "checkpoint")
+    try:
+        tensors = load(payload)
+        metadata = _safetensors_metadata(payload)
+    except (SafetensorError, ValueError, json.JSONDecodeError) as error:
+        raise InputError(f"checkpoint {path} is corrupt or truncated: {error}") from None
+    return tensors, metadata
+
+
+def _read_bytes(path: Path, what: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except FileNotFoundError:
+        raise InputError(f"{what} not found: {path}") from None
+    except OSError as error:
+        raise InputError(f"cannot read {what} {path}: {error.strerror}") from None
+
+
+def _safetensors_metadata(payload: bytes) -> dict[str, str]:
+    header_size = int.from_bytes(payload[:8], "little")
+    header = json.loads(payload[8:8 + header_size])
+    return header.get("__metadata__", {})
+
+
+def save_resume_state(path: Path, model_state: dict[str, torch.Tensor],
+                      optimizer_state: dict, metadata: dict[str, str]) -> None:
+    """Write the resume file: model weights, optimizer state and ``metadata``, atomically.
+
+    The optimizer's per-parameter tensors are flattened to ``optimizer.<index>.<name>``;
+    its parameter groups (plain numbers and flags) go to the metadata as JSON.
+    """
+    tensors = {_MODEL_PREFIX + name: t.detach().cpu().contiguous()
+               for name, t in model_state.items()}
+    for index, state in optimizer_state["state"].items():
+        for name, value in state.items():
+            tensors[f"{_OPTIMIZER_PREFIX}{index}.{name}"] = torch.as_tensor(value).cpu()
+    header = {"format": RESUME_FORMAT,
+              "optimizer_param_groups": json.dumps(optimizer_state["param_groups"]), **metadata}
+    write_atomically(path, save(tensors, metadata=header))
+
+
+def load_resume_state(path: Path) -> tuple[dict[str, torch.Tensor], dict, dict[str, str]]:
+    """Read the resume file: ``(model_state, optimizer_state, metadata)``."""
+    tensors, metadata = load_checkpoint(path)
+    if metadata.get("format") != RESUME_FORMAT:
+        raise InputError(f"{path} is not a resume file")
+    model_state = {name.removeprefix(_MODEL_PREFIX): t for name, t in tensors.items()
+                   if name.startswith(_MODEL_PREFIX)}
+    per_parameter: dict[int, dict[str, torch.Tensor]] = {}
+    for name, tensor in tensors.items():
+        match = re.fullmatch(re.escape(_OPTIMIZER_PREFIX) + r"(\d+)\.(.+)", name)
+        if match:
+            per_parameter.setdefault(int(match[1]), {})[match[2]] = tensor
+    optimizer_state = {"state": per_parameter,
+                       "param_groups": json.loads(metadata.pop("optimizer_param_groups"))}
+    return model_state, optimizer_state, metadata

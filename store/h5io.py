@@ -1,0 +1,186 @@
+"""Safe HDF5 access shared by every writer and reader of a run file.
+
+HDF5 has no journal: a process killed while it changes a file's *structure* (new groups,
+new datasets, resized datasets) can leave the file unreadable. So we follow two rules:
+
+* Structural changes are made on a copy that then atomically replaces the file
+  (:func:`replace_atomically`). A reader or a killed writer only ever sees the old or the
+  new file, never a half-written one.
+* Per-epoch results go into datasets that were pre-allocated (filled with a "not computed"
+  value) when they were created, so writing them rewrites raw bytes in place and touches no
+  metadata (:func:`update_in_place`). A completion marker is written last.
+
+Writers serialise on an advisory lock on a side file ``<run file>.lock``, so a trainer and
+an analyzer can share one run file; each holds the lock only while it writes.
+HDF5's own file locking is turned off: readers never block writers, and the rules above
+keep what a reader sees consistent.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from store.errors import InputError
+
+STRING_DTYPE = h5py.string_dtype("utf-8")
+
+
+def lock_path(path: Path) -> Path:
+    """The side file whose advisory lock serialises the writers of ``path``."""
+    return path.with_name(path.name + ".lock")
+
+
+def _announce_wait(path: Path) -> None:
+    print(f"waiting for {path}: another process is writing it", file=sys.stderr)
+
+
+@contextlib.contextmanager
+def writer_lock(
+    path: Path, timeout: float | None = None, on_wait: Callable[[Path], None] = _announce_wait
+) -> Iterator[None]:
+    """Hold the exclusive writer lock of ``path``, waiting for another writer to finish.
+
+    Args:
+        path: the run file.
+        timeout: seconds to wait before giving up with :class:`InputError`; None waits forever.
+        on_wait: called once if the lock is busy (by default a note on stderr).
+    """
+    path = Path(path)
+    with open(lock_path(path), "a+b") as handle:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        announced = False
+        while True:
+            try:
+                fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if deadline is not None and time.monotonic() > deadline:
+                    raise InputError(f"{path} is locked by another writer") from None
+                if not announced:
+                    on_wait(path)
+                    announced = True
+                time.sleep(0.05)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+
+def open_for_reading(path: Path) -> h5py.File:
+    """Open an HDF5 file read-only, turning any failure into one clear line."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"file not found: {path}")
+    try:
+        return h5py.File(path, "r", locking=False)
+    except OSError as error:
+        raise InputError(f"{path} is not a readable HDF5 file (truncated or corrupt?): "
+                         f"{_first_line(error)}") from None
+
+
+def _first_line(error: BaseException) -> str:
+    return str(error).splitlines()[0] if str(error) else type(error).__name__
+
+
+@contextlib.contextmanager
+def update_in_place(path: Path) -> Iterator[h5py.File]:
+    """Open ``path`` for in-place writes of pre-allocated datasets, under the writer lock.
+
+    Only raw values of existing datasets may be written through the yielded file; anything
+    that changes the structure must go through :func:`replace_atomically`.
+    """
+    path = Path(path)
+    with writer_lock(path):
+        try:
+            handle = h5py.File(path, "r+", locking=False)
+        except OSError as error:
+            raise InputError(f"cannot open {path} for writing: {_first_line(error)}") from None
+        with handle:
+            yield handle
+            handle.flush()
+
+
+@contextlib.contextmanager
+def replace_atomically(path: Path, locked: bool = True) -> Iterator[h5py.File]:
+    """Change a file's structure on a copy that replaces the original only on success.
+
+    Yields a writable :class:`h5py.File` holding a copy of ``path`` (empty if ``path`` does
+    not exist yet). If the body raises, or the process dies, ``path`` is untouched.
+
+    Args:
+        path: the file to create or change.
+        locked: take the writer lock (pass False if the caller already holds it).
+    """
+    path = Path(path)
+    lock = writer_lock(path) if locked else contextlib.nullcontext()
+    with lock:
+        descriptor, temporary = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp",
+                                                 dir=path.parent)
+        os.close(descriptor)
+        temporary_path = Path(temporary)
+        try:
+            if path.exists():
+                shutil.copyfile(path, temporary_path)
+            with h5py.File(temporary_path, "r+" if path.exists() else "w",
+                           locking=False) as handle:
+                yield handle
+            _fsync(temporary_path)
+            os.replace(temporary_path, path)
+        finally:
+            temporary_path.unlink(missing_ok=True)
+
+
+def _fsync(path: Path) -> None:
+    with open(path, "rb") as handle:
+        os.fsync(handle.fileno())
+
+
+def add_coordinate(group: h5py.Group, name: str, values: Sequence | np.ndarray,
+                   long_name: str, units: str | None = None) -> h5py.Dataset:
+    """Create a 1-D coordinate variable ``name`` and make it a dimension scale of that name."""
+    array = np.asarray(values)
+    if array.dtype.kind in "OU":
+        dataset = group.create_dataset(name, data=[str(v) for v in values], dtype=STRING_DTYPE)
+    else:
+        dataset = group.create_dataset(name, data=array)
+    dataset.make_scale(name)
+    _describe(dataset, long_name, units)
+    return dataset
+
+
+def add_variable(group: h5py.Group, name: str, dims: Sequence[str], fill: float | bytes,
+                 dtype: np.dtype | str, long_name: str, units: str | None = None) -> h5py.Dataset:
+    """Create a pre-allocated variable over existing coordinates, filled with ``fill``.
+
+    The data are written in full at creation, so later writes of single rows only rewrite
+    raw bytes in place (no chunk allocation, no metadata change).
+    """
+    shape = tuple(group[dim].shape[0] for dim in dims)
+    dataset = group.create_dataset(name, data=np.full(shape, fill, dtype=dtype),
+                                   track_times=False)
+    for axis, dim in enumerate(dims):
+        dataset.dims[axis].attach_scale(group[dim])
+    _describe(dataset, long_name, units)
+    return dataset
+
+
+def _describe(dataset: h5py.Dataset, long_name: str, units: str | None) -> None:
+    dataset.attrs["long_name"] = long_name
+    if units is not None:
+        dataset.attrs["units"] = units
+
+
+def read_strings(dataset: h5py.Dataset) -> list[str]:
+    """Read a 1-D string dataset as a list of Python strings."""
+    return [v.decode() if isinstance(v, bytes) else str(v) for v in dataset[()]]

@@ -1,0 +1,301 @@
+"""The training loop: Adam + cross-entropy, one checkpoint and one run-file row per epoch.
+
+Every epoch's randomness (shuffling, dropout) comes from a generator seeded by
+``(seed, epoch)``, so a run resumed after a crash repeats exactly what an uninterrupted run
+would have done (on the CPU; CUDA kernels may not be bitwise deterministic).
+"""
+
+from __future__ import annotations
+
+import getpass
+import os
+import json
+import platform
+import socket
+import sys
+import time
+from dataclasses import asdict, dataclass
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from store.checkpoints import (
+    RESUME_FILE,
+    checkpoint_name,
+    load_resume_state,
+    save_checkpoint,
+    save_resume_state,
+)
+from store.datasets import (
+    DataSource,
+    SplitPlan,
+    load_split,
+    open_source,
+    parse_image_size,
+    plan_splits,
+)
+from store.errors import InputError
+from store.runfile import (
+    CHECKPOINT_DIR,
+    RUN_FILE,
+    EpochRecord,
+    create_run_file,
+    read_provenance,
+    read_run_info,
+    update_provenance,
+    write_epoch,
+)
+from trainer.models import ModelSpec, build_model, default_image_size
+
+_PACKAGES = ("reaction", "torch", "numpy", "h5py", "safetensors", "scikit-learn")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Training settings; the defaults are the thesis's (SPEC §3) on the embedded digits."""
+
+    data: str = "digits"
+    test: str | None = None
+    model: str = "small"
+    epochs: int = 1000
+    batch_size: int = 90
+    learning_rate: float = 1e-4
+    val_fraction: float = 0.1
+    seed: int = 0
+    image_size: str | None = None
+    channels: int = 1
+
+    def validate(self) -> None:
+        """Reject impossible numbers with one clear line."""
+        if self.epochs < 1:
+            raise InputError(f"--epochs must be at least 1, got {self.epochs}")
+        if self.batch_size < 1:
+            raise InputError(f"--batch-size must be at least 1, got {self.batch_size}")
+        if not self.learning_rate > 0:
+            raise InputError(f"--lr must be positive, got {self.learning_rate}")
+        if self.channels not in (1, 3):
+            raise InputError(f"--channels must be 1 or 3, got {self.channels}")
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto`` → CUDA when available, else CPU; ``cuda`` without a GPU is an error."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise InputError("--device cuda was asked for, but no CUDA device is available")
+    return torch.device(device)
+
+
+def epoch_generator(seed: int, epoch: int) -> torch.Generator:
+    """The random stream of one epoch, a pure function of the run's seed and the epoch."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+
+
+@dataclass
+class _Session:
+    """What the loop needs in memory: the model, its optimizer, and the data on the device."""
+
+    config: TrainConfig
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    train_images: torch.Tensor
+    train_labels: torch.Tensor
+    val_images: torch.Tensor
+    val_labels: torch.Tensor
+    num_classes: int
+    metadata: dict[str, str]
+
+
+def train(config: TrainConfig, out: Path, *, resume: bool = False, force: bool = False,
+          device: str = "auto", progress: bool = True, command: str = "") -> Path:
+    """Train ``config`` into ``out``; return the run file's path.
+
+    Args:
+        config: training settings (ignored with ``resume``: the run file's are used).
+        out: output folder: ``run.h5``, ``checkpoints/epoch_NNNN.safetensors``, resume file.
+        resume: continue the run in ``out`` from its last complete epoch.
+        force: start over even if ``out`` already holds a run.
+        device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
+        progress: show a progress bar.
+        command: the command line, for provenance.
+    """
+    out = Path(out)
+    run_path = out / RUN_FILE
+    torch_device = resolve_device(device)
+    if resume:
+        config = _config_to_resume(run_path)
+    else:
+        _refuse_existing_run(run_path, force)
+        config.validate()
+    source, plan, session = _load_session(config, torch_device)
+    if resume:
+        _restore(session, out, run_path)
+    else:
+        _start_new_run(config, source, plan, session, out, command)
+    _loop(session, out, run_path, torch_device, progress)
+    update_provenance(run_path, finished=_now())
+    return run_path
+
+
+def _refuse_existing_run(run_path: Path, force: bool) -> None:
+    if run_path.exists() and not force:
+        raise InputError(f"{run_path.parent} already holds a run: use --resume to continue it "
+                         "or --force to start over")
+
+
+def _config_to_resume(run_path: Path) -> TrainConfig:
+    if not run_path.exists():
+        raise InputError(f"nothing to resume: {run_path} does not exist")
+    return TrainConfig(**read_run_info(run_path).config)
+
+
+def _load_session(config: TrainConfig,
+                  device: torch.device) -> tuple[DataSource, SplitPlan, _Session]:
+    """Validate every input (data, image size, model) and load the data onto the device."""
+    source = open_source(config.data, config.test)
+    size = (parse_image_size(config.image_size) if config.image_size
+            else source.native_size or default_image_size(config.model))
+    plan = plan_splits(source, config.val_fraction, config.seed)
+    spec = ModelSpec(config.model, config.channels, size, len(source.class_names))
+    torch.manual_seed(config.seed)
+    model = build_model(spec).to(device)
+    train_set = load_split(source, plan, "train", config.channels, size)
+    val_set = load_split(source, plan, "val", config.channels, size)
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate)
+    metadata = {"model": spec.to_json(), "classes": json.dumps(source.class_names)}
+    return source, plan, _Session(config, model, optimizer,
+                       torch.as_tensor(train_set.images, device=device),
+                       torch.as_tensor(train_set.labels, device=device),
+                       torch.as_tensor(val_set.images, device=device),
+                       torch.as_tensor(val_set.labels, device=device),
+                       len(source.class_names), metadata)
+
+
+def _start_new_run(config: TrainConfig, source: DataSource, plan: SplitPlan,
+                   session: _Session, out: Path, command: str) -> None:
+    checkpoints = out / CHECKPOINT_DIR
+    try:
+        checkpoints.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise InputError(f"cannot create {checkpoints}: {error.strerror}") from None
+    if not os.access(out, os.W_OK) or not os.access(checkpoints, os.W_OK):
+        raise InputError(f"output folder {out} is not writable")
+    for stale in checkpoints.glob("epoch_*.safetensors"):
+        stale.unlink()
+    (out / RESUME_FILE).unlink(missing_ok=True)
+    create_run_file(out / RUN_FILE, config=asdict(config), model_json=session.metadata["model"],
+                    class_names=plan.class_names, split_ids=plan.ids, split_labels=plan.labels,
+                    data_description=source.description,
+                    provenance=_provenance(config, command))
+
+
+def _provenance(config: TrainConfig, command: str) -> dict[str, str]:
+    versions = {}
+    for package in _PACKAGES:
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = "not installed"
+    return {"command": command or " ".join(sys.argv), "seed": str(config.seed),
+            "host": socket.gethostname(), "user": getpass.getuser(),
+            "python": platform.python_version(), "platform": platform.platform(),
+            "packages": json.dumps(versions), "started": _now(), "finished": "",
+            "resumes": "[]"}
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+
+
+def _restore(session: _Session, out: Path, run_path: Path) -> None:
+    """Load the resume file; finish its epoch's commit if the crash came just before it."""
+    completed = read_run_info(run_path).completed_epochs
+    if completed == 0 and not (out / RESUME_FILE).exists():
+        return
+    model_state, optimizer_state, metadata = load_resume_state(out / RESUME_FILE)
+    resume_epoch = int(metadata["epoch"])
+    if resume_epoch == completed + 1:
+        write_epoch(run_path, EpochRecord.from_json(metadata["record"]))
+    elif resume_epoch != completed:
+        raise InputError(f"resume file is at epoch {resume_epoch} but {run_path} has "
+                         f"{completed} complete epochs: cannot resume safely")
+    session.model.load_state_dict(model_state)
+    session.optimizer.load_state_dict(optimizer_state)
+
+
+def _loop(session: _Session, out: Path, run_path: Path, device: torch.device,
+          progress: bool) -> None:
+    config = session.config
+    start = read_run_info(run_path).completed_epochs + 1
+    if start > 1 and start <= config.epochs:
+        resumes = json.loads(read_provenance(run_path).get("resumes", "[]"))
+        update_provenance(run_path, resumes=json.dumps([*resumes, {"epoch": start,
+                                                                    "time": _now()}]))
+    bar = tqdm(range(start, config.epochs + 1), initial=start - 1, total=config.epochs,
+               disable=not progress, unit="epoch", dynamic_ncols=True)
+    for epoch in bar:
+        began = time.perf_counter()
+        train_loss, train_accuracy = _train_one_epoch(session, epoch, device)
+        val_class_loss, val_class_accuracy, val_loss, val_accuracy = _validate(session)
+        saved = time.perf_counter()
+        file_name = checkpoint_name(epoch)
+        sha = save_checkpoint(out / CHECKPOINT_DIR / file_name, session.model.state_dict(),
+                              {**session.metadata, "epoch": str(epoch)})
+        checkpoint_seconds = time.perf_counter() - saved
+        record = EpochRecord(epoch, train_loss, train_accuracy, val_loss, val_accuracy,
+                             val_class_loss, val_class_accuracy,
+                             time.perf_counter() - began, checkpoint_seconds, time.time(),
+                             file_name, sha)
+        save_resume_state(out / RESUME_FILE, session.model.state_dict(),
+                          session.optimizer.state_dict(),
+                          {"epoch": str(epoch), "record": record.to_json()})
+        write_epoch(run_path, record)
+        bar.set_postfix(loss=f"{train_loss:.4f}", acc=f"{train_accuracy:.3f}",
+                        val_loss=f"{val_loss:.4f}", val_acc=f"{val_accuracy:.3f}")
+
+
+def _train_one_epoch(session: _Session, epoch: int, device: torch.device) -> tuple[float, float]:
+    """One pass over the shuffled training split; returns (mean loss, accuracy)."""
+    model, optimizer = session.model, session.optimizer
+    generator = epoch_generator(session.config.seed, epoch)
+    order = torch.randperm(len(session.train_labels), generator=generator).to(device)
+    torch.manual_seed(int(torch.randint(2**62, (1,), generator=generator)))  # dropout stream
+    model.train()
+    loss_sum = torch.zeros((), device=device)
+    correct = torch.zeros((), device=device, dtype=torch.long)
+    for batch in order.split(session.config.batch_size):
+        images, labels = session.train_images[batch], session.train_labels[batch]
+        logits = model(images)
+        loss = nn.functional.cross_entropy(logits, labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        loss_sum += loss.detach() * len(batch)
+        correct += (logits.argmax(1) == labels).sum()
+    count = len(session.train_labels)
+    return float(loss_sum) / count, float(correct) / count
+
+
+@torch.no_grad()
+def _validate(session: _Session) -> tuple[np.ndarray, np.ndarray, float, float]:
+    """Per-class and overall loss and accuracy on the validation split, in eval mode."""
+    if len(session.val_labels) == 0:
+        nan = np.full(session.num_classes, np.nan)
+        return nan, nan, float("nan"), float("nan")
+    session.model.eval()
+    losses, hits = [], []
+    for images, labels in zip(session.val_images.split(512), session.val_labels.split(512),
+                              strict=True):
+        logits = session.model(images)
+        losses.append(nn.functional.cross_entropy(logits, labels, reduction="none"))
+        hits.append((logits.argmax(1) == labels).double())
+    loss, hit, labels = torch.cat(losses).double(), torch.cat(hits), session.val_labels
+    counts = torch.bincount(labels, minlength=session.num_classes).double()
+    with np.errstate(invalid="ignore", divide="ignore"):
+        class_loss = (torch.bincount(labels, loss, session.num_classes) / counts).cpu().numpy()
+        class_accuracy = (torch.bincount(labels, hit, session.num_classes) / counts).cpu().numpy()
+    return class_loss, class_accuracy, float(loss.mean()), float(hit.mean())
