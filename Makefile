@@ -1,0 +1,31 @@
+# One-command entry points for a fresh machine with only Python and pip.
+#   make demo   set up .venv, then run the whole pipeline on the embedded digits
+#   make test   set up .venv, then run the test suite
+PYTHON ?= python3
+VENV ?= .venv
+# The CPU build of torch; override, e.g. TORCH_SPEC="torch>=2.4", for a CUDA machine.
+TORCH_SPEC ?= torch==2.13.0
+BIN := $(VENV)/bin
+DEMO := runs/demo
+
+.PHONY: venv demo test lint clean-demo
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install --quiet -e ".[test]"
+	touch $@
+
+demo: venv
+	$(BIN)/trainer run --out $(DEMO) --force
+
+test: venv
+	$(BIN)/python -m pytest -q
+
+lint: venv
+	$(BIN)/ruff check .
+
+clean-demo:
+	rm -rf $(DEMO)
