@@ -47,6 +47,12 @@ def write_atomically(path: Path, payload: bytes) -> None:
         Path(temporary).unlink(missing_ok=True)
 
 
+def remove_stale_temporaries(folder: Path) -> None:
+    """Delete the temporary files a killed writer left behind in ``folder``."""
+    for stale in Path(folder).glob("*.safetensors.*.tmp"):
+        stale.unlink(missing_ok=True)
+
+
 def sha256_file(path: Path) -> str:
     """Hex SHA-256 of a file's bytes."""
     digest = hashlib.sha256()
@@ -66,9 +72,23 @@ def save_checkpoint(path: Path, state_dict: dict[str, torch.Tensor],
         metadata: strings stored in the safetensors header (epoch, model spec, classes).
     """
     tensors = {name: tensor.detach().cpu().contiguous() for name, tensor in state_dict.items()}
-    payload = save(tensors, metadata={"format": CHECKPOINT_FORMAT, **metadata})
+    payload = _canonical(save(tensors, metadata={"format": CHECKPOINT_FORMAT, **metadata}))
     write_atomically(path, payload)
     return hashlib.sha256(payload).hexdigest()
+
+
+def _canonical(payload: bytes) -> bytes:
+    """Rewrite the safetensors header with sorted keys, so equal weights give equal bytes.
+
+    safetensors keeps the metadata in a hash map whose order changes from process to
+    process; the tensor data offsets are relative to the end of the header, so only the
+    header changes. It stays padded to 8 bytes, as the format asks.
+    """
+    header_size = int.from_bytes(payload[:8], "little")
+    header = json.loads(payload[8:8 + header_size])
+    text = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+    text += b" " * (-len(text) % 8)
+    return len(text).to_bytes(8, "little") + text + payload[8 + header_size:]
 
 
 def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -111,7 +131,7 @@ def save_resume_state(path: Path, model_state: dict[str, torch.Tensor],
             tensors[f"{_OPTIMIZER_PREFIX}{index}.{name}"] = torch.as_tensor(value).cpu()
     header = {"format": RESUME_FORMAT,
               "optimizer_param_groups": json.dumps(optimizer_state["param_groups"]), **metadata}
-    write_atomically(path, save(tensors, metadata=header))
+    write_atomically(path, _canonical(save(tensors, metadata=header)))
 
 
 def load_resume_state(path: Path) -> tuple[dict[str, torch.Tensor], dict, dict[str, str]]:

@@ -141,6 +141,14 @@ def replace_atomically(path: Path, locked: bool = True) -> Iterator[h5py.File]:
             temporary_path.unlink(missing_ok=True)
 
 
+def remove_stale_copies(path: Path) -> None:
+    """Delete copies that a writer killed inside :func:`replace_atomically` left behind."""
+    path = Path(path)
+    with writer_lock(path):  # no live writer can be in the middle of a replacement now
+        for stale in path.parent.glob(path.name + ".*.tmp"):
+            stale.unlink(missing_ok=True)
+
+
 def _fsync(path: Path) -> None:
     with open(path, "rb") as handle:
         os.fsync(handle.fileno())

@@ -131,7 +131,7 @@ def test_damaged_run_file_is_one_clear_error(tmp_path, damage):
         path.write_bytes(b"not hdf5 at all" * 100)
     else:
         path.unlink()
-    with pytest.raises(InputError, match="run.h5"):
+    with pytest.raises(InputError, match=r"run\.h5"):
         read_run_info(path)
 
 
@@ -218,7 +218,7 @@ def test_damaged_checkpoint_is_named_in_one_line(tmp_path, damage):
         path.write_bytes(b"")
     else:
         path.unlink()
-    with pytest.raises(InputError, match="epoch_0001.safetensors") as error:
+    with pytest.raises(InputError, match=r"epoch_0001\.safetensors") as error:
         load_checkpoint(path)
     assert "\n" not in str(error.value)
 
@@ -246,3 +246,17 @@ def test_resume_state_restores_adam_exactly(tmp_path):
         opt.step()
     for a, b in zip(model.parameters(), copy.parameters(), strict=True):
         assert torch.equal(a, b)
+
+
+def test_equal_weights_give_byte_identical_checkpoints_across_processes(tmp_path):
+    code = ("import sys, torch; sys.path.insert(0, '.');"
+            "from store.checkpoints import save_checkpoint;"
+            "print(save_checkpoint(__import__('pathlib').Path(sys.argv[1]),"
+            " {'w': torch.arange(6.0), 'n': torch.tensor(3)},"
+            " {'epoch': '1', 'model': '{}', 'classes': '[]', 'z': 'é'}))")
+    digests = {subprocess.run([sys.executable, "-c", code, str(tmp_path / f"{i}.safetensors")],
+                              capture_output=True, text=True, check=True,
+                              cwd=Path(__file__).parents[1]).stdout for i in range(3)}
+    assert len(digests) == 1
+    tensors, metadata = load_checkpoint(tmp_path / "0.safetensors")
+    assert tensors["w"].tolist() == [0, 1, 2, 3, 4, 5] and metadata["z"] == "é"

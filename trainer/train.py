@@ -8,8 +8,8 @@ would have done (on the CPU; CUDA kernels may not be bitwise deterministic).
 from __future__ import annotations
 
 import getpass
-import os
 import json
+import os
 import platform
 import socket
 import sys
@@ -27,6 +27,7 @@ from store.checkpoints import (
     RESUME_FILE,
     checkpoint_name,
     load_resume_state,
+    remove_stale_temporaries,
     save_checkpoint,
     save_resume_state,
 )
@@ -39,6 +40,7 @@ from store.datasets import (
     plan_splits,
 )
 from store.errors import InputError
+from store.h5io import remove_stale_copies
 from store.runfile import (
     CHECKPOINT_DIR,
     RUN_FILE,
@@ -133,6 +135,7 @@ def train(config: TrainConfig, out: Path, *, resume: bool = False, force: bool =
         config.validate()
     source, plan, session = _load_session(config, torch_device)
     if resume:
+        _check_same_splits(plan, run_path)
         _restore(session, out, run_path)
     else:
         _start_new_run(config, source, plan, session, out, command)
@@ -211,8 +214,20 @@ def _now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S%z")
 
 
+def _check_same_splits(plan: SplitPlan, run_path: Path) -> None:
+    """Refuse to resume on data that no longer gives the run's recorded splits."""
+    recorded = read_run_info(run_path).split_ids
+    for split, ids in plan.ids.items():
+        if recorded.get(split) != ids:
+            raise InputError(f"the {split} images differ from those recorded in {run_path}: "
+                             "the data changed since the run started, cannot resume")
+
+
 def _restore(session: _Session, out: Path, run_path: Path) -> None:
     """Load the resume file; finish its epoch's commit if the crash came just before it."""
+    remove_stale_temporaries(out / CHECKPOINT_DIR)
+    remove_stale_temporaries(out)  # the resume file's
+    remove_stale_copies(run_path)
     completed = read_run_info(run_path).completed_epochs
     if completed == 0 and not (out / RESUME_FILE).exists():
         return

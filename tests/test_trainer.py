@@ -1,0 +1,211 @@
+"""`trainer run` end to end through the real console script: files, refusals, kill and resume."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+from PIL import Image
+
+from store.checkpoints import load_checkpoint, sha256_file
+from store.runfile import read_run_info, read_training_curves
+from tests.conftest import ROOT, script
+from trainer.models import ModelSpec, build_model
+
+CURVES = ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "val_class_loss",
+          "val_class_accuracy")
+
+
+def tree(folder: Path) -> dict[str, bytes]:
+    """Every file under ``folder`` with its bytes (to prove that nothing changed)."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file()}
+
+
+def test_a_short_run_writes_every_epoch_checkpoint_and_curve(tmp_path, cli):
+    out = tmp_path / "demo"
+    result = cli("trainer", "run", "--out", str(out), "--epochs", "3", "-q")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == f"run file: {out / 'run.h5'}"
+    info = read_run_info(out / "run.h5")
+    assert (info.epochs, info.completed_epochs) == (3, 3)
+    assert info.class_names == [str(d) for d in range(10)]
+    assert sum(len(ids) for ids in info.split_ids.values()) == 1797
+    curves = read_training_curves(out / "run.h5")
+    assert curves["epoch"].tolist() == [1, 2, 3]
+    for name in CURVES:
+        assert np.isfinite(curves[name]).all(), name
+    assert curves["train_loss"][2] < curves["train_loss"][0]
+    for file_name, digest in zip(curves["checkpoint_file"], curves["checkpoint_sha256"],
+                                 strict=True):
+        assert sha256_file(out / "checkpoints" / file_name) == digest
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [
+        "epoch_0001.safetensors", "epoch_0002.safetensors", "epoch_0003.safetensors"]
+
+
+def test_a_checkpoint_rebuilds_its_model_from_its_own_metadata(tmp_path, cli):
+    out = tmp_path / "demo"
+    assert cli("trainer", "run", "--out", str(out), "--epochs", "1", "-q").returncode == 0
+    tensors, metadata = load_checkpoint(out / "checkpoints" / "epoch_0001.safetensors")
+    model = build_model(ModelSpec.from_json(metadata["model"]))
+    model.load_state_dict(tensors)  # strict: every weight and batch-norm buffer is there
+    assert any("running_mean" in name for name in tensors)
+    assert metadata["model"] == read_run_info(out / "run.h5").model
+
+
+def test_an_existing_run_is_refused_without_resume_or_force(tmp_path, cli):
+    out = tmp_path / "demo"
+    assert cli("trainer", "run", "--out", str(out), "--epochs", "1", "-q").returncode == 0
+    before = tree(out)
+    result = cli("trainer", "run", "--out", str(out), "--epochs", "2", "-q")
+    assert result.returncode != 0
+    assert "already holds a run" in result.stderr
+    assert tree(out) == before
+    forced = cli("trainer", "run", "--out", str(out), "--epochs", "2", "-q", "--force")
+    assert forced.returncode == 0, forced.stderr
+    assert read_run_info(out / "run.h5").completed_epochs == 2
+
+
+def test_resume_of_a_finished_run_changes_nothing(tmp_path, cli):
+    out = tmp_path / "demo"
+    assert cli("trainer", "run", "--out", str(out), "--epochs", "2", "-q").returncode == 0
+    checkpoints = tree(out / "checkpoints")
+    assert cli("trainer", "run", "--out", str(out), "--resume", "-q").returncode == 0
+    assert tree(out / "checkpoints") == checkpoints
+
+
+def write_png_classes(root: Path, counts: dict[str, int]) -> Path:
+    for name, count in counts.items():
+        (root / name).mkdir(parents=True)
+        for index in range(count):
+            pixels = np.random.default_rng(index).integers(0, 255, (12, 40), dtype=np.uint8)
+            Image.fromarray(pixels).save(root / name / f"{index}.png")
+    return root
+
+
+def test_a_folder_of_images_trains_at_the_requested_size(tmp_path, cli):
+    data = write_png_classes(tmp_path / "data", {"arabic": 6, "greek": 6})
+    out = tmp_path / "out"
+    result = cli("trainer", "run", "--data", str(data), "--image-size", "8x8", "--epochs", "2",
+                 "--out", str(out), "-q")
+    assert result.returncode == 0, result.stderr
+    info = read_run_info(out / "run.h5")
+    assert info.class_names == ["arabic", "greek"]
+    assert sorted(info.split_ids["train"] + info.split_ids["val"]) == sorted(
+        f"{c}/{i}.png" for c in ("arabic", "greek") for i in range(6))
+    assert info.split_ids["test"] == []
+
+
+@pytest.mark.parametrize("case", ["unknown model", "empty folder", "one class", "not an image",
+                                  "too small", "unwritable out", "bad size"])
+def test_bad_input_is_one_line_nonzero_exit_and_nothing_written(tmp_path, cli, case):
+    data = tmp_path / "data"
+    out = tmp_path / "out"
+    args = ["--epochs", "1", "-q"]
+    if case == "unknown model":
+        args += ["--model", "resnet9000"]
+        expected = "resnet9000"
+    elif case == "empty folder":
+        data.mkdir()
+        args += ["--data", str(data)]
+        expected = str(data)
+    elif case == "one class":
+        write_png_classes(data, {"only": 3})
+        args += ["--data", str(data)]
+        expected = "2 classes"
+    elif case == "not an image":
+        write_png_classes(data, {"a": 3, "b": 3})
+        (data / "b" / "broken.png").write_bytes(b"this is not a png")
+        args += ["--data", str(data), "--image-size", "8x8"]
+        expected = "broken.png"
+    elif case == "too small":
+        args += ["--model", "model4", "--image-size", "20x20"]
+        expected = "too small"
+    elif case == "bad size":
+        args += ["--image-size", "50by200"]
+        expected = "50by200"
+    else:
+        (tmp_path / "a_file").write_text("x")
+        out = tmp_path / "a_file" / "out"
+        expected = "a_file"
+    result = cli("trainer", "run", "--out", str(out), *args)
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: ") and expected in lines[0], \
+        result.stderr
+    assert not out.exists() or case == "unwritable out"
+
+
+def test_models_lists_the_zoo_with_parameter_counts(cli):
+    result = cli("trainer", "models")
+    assert result.returncode == 0, result.stderr
+    names = [line.split()[0] for line in result.stdout.splitlines()[1:]]
+    assert names == ["small", "mnist", "model1", "model2", "model3", "model4", "model5",
+                     "model6"]
+
+
+def start_training(out: Path, epochs: int, resume: bool = False) -> subprocess.Popen:
+    args = [*script("trainer"), "run", "--out", str(out), "--epochs", str(epochs), "-q"]
+    if resume:
+        args = [*script("trainer"), "run", "--out", str(out), "--resume", "-q"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def wait_for_checkpoint(out: Path, epoch: int, process: subprocess.Popen) -> bool:
+    target = out / "checkpoints" / f"epoch_{epoch:04d}.safetensors"
+    while not target.exists():
+        if process.poll() is not None:
+            return False
+        time.sleep(0.005)
+    return True
+
+
+def assert_complete_epochs_are_whole(run_file: Path) -> int:
+    with h5py.File(run_file, "r", locking=False) as handle:
+        completed = int(handle["training/completed_epochs"][()])
+        for name in CURVES:
+            assert np.isfinite(handle["training"][name][:completed]).all(), name
+        files = handle["training/checkpoint_file"][:completed]
+    for file_name in files:
+        assert (run_file.parent / "checkpoints" / file_name.decode()).exists()
+    return completed
+
+
+@pytest.mark.slow
+def test_kill_nine_then_resume_equals_an_uninterrupted_run(tmp_path):
+    epochs = 12
+    reference = tmp_path / "reference"
+    finished = start_training(reference, epochs)
+    assert finished.wait(300) == 0, finished.stderr.read()
+
+    killed = tmp_path / "killed"
+    process = start_training(killed, epochs)
+    rng = random.Random(1)
+    kills = 0
+    for kill_after in (2, 5, 8):
+        if wait_for_checkpoint(killed, kill_after, process):
+            time.sleep(rng.uniform(0, 0.05))  # somewhere inside the next epoch or its commit
+            process.send_signal(signal.SIGKILL)
+            process.wait()
+            kills += 1
+        assert assert_complete_epochs_are_whole(killed / "run.h5") >= 1
+        process = start_training(killed, epochs, resume=True)
+    assert process.wait(300) == 0, process.stderr.read()
+    assert kills >= 2
+
+    reference_curves = read_training_curves(reference / "run.h5")
+    resumed_curves = read_training_curves(killed / "run.h5")
+    assert resumed_curves["epoch"].tolist() == list(range(1, epochs + 1))
+    for name in CURVES:
+        np.testing.assert_array_equal(resumed_curves[name], reference_curves[name], err_msg=name)
+    np.testing.assert_array_equal(resumed_curves["checkpoint_sha256"],
+                                  reference_curves["checkpoint_sha256"])
+    assert tree(killed / "checkpoints") == tree(reference / "checkpoints")
