@@ -114,5 +114,65 @@ def analyzer() -> None:
     """Analyse saved checkpoints post hoc: Reaction values, epochs, figures."""
 
 
+def _split_list(text: str | None) -> list[str] | None:
+    return None if text is None else [s.strip() for s in text.split(",") if s.strip()]
+
+
+@analyzer.command("reaction")
+@click.option("--ckpt-dir", type=click.Path(path_type=Path), required=True,
+              help="Folder of checkpoints, one file per epoch (epoch number in the name).")
+@click.option("--run", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="The run file. Default: run.h5 in the checkpoint folder's parent.")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Results file. Default: the run file itself.")
+@click.option("--model", default=None,
+              help="Zoo name, module:callable or path/to/file.py:callable returning an "
+                   "nn.Module. Default: the run file's model.")
+@click.option("--layer", default=None,
+              help="Grad-CAM layer (qualified module name). Default: the model's own.")
+@click.option("--data", "data", multiple=True, metavar="SPLIT=FOLDER",
+              help="Images of a split, one sub-folder per class (repeatable). "
+                   "Default: the run file's splits.")
+@click.option("--image-size", default=None, metavar="HxW", help="Model input size.")
+@click.option("--channels", default=None, type=click.IntRange(1, 3), help="1 or 3.")
+@click.option("--splits", default=None, help="Comma-separated splits. Default: all.")
+@click.option("--epochs", default=None, metavar="SEL",
+              help="Epochs to analyse: 1:1000:10, 5, 1,10,100. Default: every checkpoint.")
+@click.option("--score", type=click.Choice(["logit", "softmax"]), default="logit",
+              show_default=True, help="Target score: the logit (thesis) or its softmax.")
+@click.option("--target", type=click.Choice(["label", "pred"]), default="label",
+              show_default=True, help="Target class: the true label or the prediction.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N.")
+@click.option("--batch-size", default=256, show_default=True, type=click.IntRange(1))
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+@_user_errors
+def analyzer_reaction(ckpt_dir: Path, run: Path | None, out: Path | None, model: str | None,
+                      layer: str | None, data: tuple[str, ...], image_size: str | None,
+                      channels: int | None, splits: str | None, epochs: str | None, score: str,
+                      target: str, device: str, batch_size: int, quiet: bool) -> None:
+    """Reaction value of every image, class and checkpoint (SPEC §2).
+
+    \b
+    Examples:
+      analyzer reaction --ckpt-dir runs/demo/checkpoints
+      analyzer reaction --ckpt-dir runs/m4/checkpoints --splits train,test --epochs 1:1000:10
+      analyzer reaction --ckpt-dir other/ckpts --model mypkg.nets:make_cnn --layer body.7 \\
+          --data train=siw13/train --data test=siw13/test --image-size 50x200 \\
+          --out other/reaction.h5
+    """
+    from analyzer.inputs import parse_data_options
+    from analyzer.reaction import ReactionOptions, compute_reaction
+    from store.datasets import parse_image_size
+
+    options = ReactionOptions(
+        ckpt_dir=ckpt_dir, run=run, out=out, model=model, layer=layer,
+        data=parse_data_options(data),
+        image_size=parse_image_size(image_size) if image_size else None, channels=channels,
+        splits=_split_list(splits), epochs=epochs, score=score, target=target, device=device,
+        batch_size=batch_size)
+    path = compute_reaction(options, progress=not quiet)
+    click.echo(f"results: {path}")
+
+
 if __name__ == "__main__":
     trainer()

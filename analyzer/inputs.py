@@ -1,0 +1,177 @@
+"""What `analyzer reaction` analyses: the model, its target layer, the classes and the splits.
+
+Resolved from the run file beside the checkpoints when there is one, from our checkpoints'
+own metadata, and from the command-line options (which win).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from torch import nn
+
+from analyzer.model_factory import default_layer, resolve_model
+from store.datasets import SPLITS, folder_images, open_source, read_folder_images
+from store.errors import InputError
+from store.model_files import CheckpointFile, load_weights_file
+from store.runfile import RUN_FILE, RunInfo, read_run_info
+from store.results import SplitImages
+from trainer.models import ModelSpec, build_model, gradcam_layer
+
+
+@dataclass(frozen=True)
+class SplitData:
+    """One split's images, loaded once: pixels ``[N, C, H, W]`` in [0, 1] and their identity."""
+
+    name: str
+    images: np.ndarray
+    identity: SplitImages
+
+
+@dataclass
+class AnalysisInputs:
+    """Everything the Reaction pass needs besides the checkpoints themselves."""
+
+    model: nn.Module | None  # None when every checkpoint is a self-contained program (.pt2)
+    layer: str
+    class_names: list[str]
+    splits: list[SplitData]
+    run_file: Path | None
+    model_description: str
+
+
+def find_run_file(ckpt_dir: Path, run: Path | None) -> Path | None:
+    """``--run``, else ``run.h5`` in the checkpoint folder's parent, else None."""
+    if run is not None:
+        if not Path(run).is_file():
+            raise InputError(f"run file not found: {run}")
+        return Path(run)
+    beside = Path(ckpt_dir).resolve().parent / RUN_FILE
+    return beside if beside.is_file() else None
+
+
+def parse_data_options(values: tuple[str, ...]) -> dict[str, Path]:
+    """``("train=DIR", "test=DIR")`` → ``{"train": DIR, "test": DIR}``."""
+    folders: dict[str, Path] = {}
+    for value in values:
+        split, sep, folder = value.partition("=")
+        if not sep or not split or not folder:
+            raise InputError(f"--data takes SPLIT=FOLDER (e.g. train=siw13/train), got {value!r}")
+        if split in folders:
+            raise InputError(f"--data gives the {split} split twice")
+        folders[split] = Path(folder)
+    return folders
+
+
+def resolve_inputs(*, first_checkpoint: CheckpointFile, run_file: Path | None,
+                   model: str | None, layer: str | None, data: dict[str, Path],
+                   image_size: tuple[int, int] | None, channels: int | None,
+                   splits: list[str] | None) -> AnalysisInputs:
+    """Decide model, layer, classes and splits; load the splits' images."""
+    info = read_run_info(run_file) if run_file else None
+    metadata = _checkpoint_metadata(first_checkpoint)
+    spec_json = info.model if info else metadata.get("model")
+    spec = ModelSpec.from_json(spec_json) if spec_json else None
+    class_names = _class_names(info, metadata, data)
+    if image_size is None and spec is not None:
+        image_size = spec.image_size
+    if channels is None:
+        channels = spec.in_channels if spec is not None else 1
+    if image_size is None:
+        raise InputError("cannot tell the input size of the model: give --image-size HxW")
+    network, description, zoo_name = _build_network(model, spec, first_checkpoint, channels,
+                                                    image_size, len(class_names))
+    chosen_layer = layer or (gradcam_layer(zoo_name) if zoo_name else None) or (
+        default_layer(network, model or "") if network is not None else None)
+    if not chosen_layer:
+        raise InputError("this model names no Grad-CAM layer: give --layer NAME "
+                         "(the last convolution block's activation)")
+    split_data = (_folder_splits(data, class_names, channels, image_size, splits) if data
+                  else _run_splits(info, channels, image_size, splits))
+    return AnalysisInputs(network, chosen_layer, class_names, split_data, run_file, description)
+
+
+def _checkpoint_metadata(checkpoint: CheckpointFile) -> dict[str, str]:
+    if checkpoint.path.suffix != ".safetensors":
+        return {}
+    return load_weights_file(checkpoint.path).metadata
+
+
+def _class_names(info: RunInfo | None, metadata: dict[str, str],
+                 data: dict[str, Path]) -> list[str]:
+    if info is not None:
+        return info.class_names
+    if "classes" in metadata:
+        return json.loads(metadata["classes"])
+    if data:
+        return folder_images(next(iter(data.values())))[0]
+    raise InputError("no run file beside the checkpoints: give --run RUN.h5, or --data "
+                     "SPLIT=FOLDER with --model and --out")
+
+
+def _build_network(model: str | None, spec: ModelSpec | None, first: CheckpointFile,
+                   channels: int, image_size: tuple[int, int],
+                   num_classes: int) -> tuple[nn.Module | None, str, str | None]:
+    """The network to load each checkpoint into, a description, and its zoo name if any."""
+    if model is not None:
+        network = resolve_model(model, in_channels=channels, image_size=image_size,
+                                num_classes=num_classes)
+        zoo = model if _is_zoo_name(model) else None
+        return network, model, zoo
+    if spec is not None:
+        spec = ModelSpec(spec.name, channels, image_size, num_classes)
+        return build_model(spec), spec.name, spec.name
+    if first.path.suffix == ".pt2":
+        return None, "torch.export program", None
+    raise InputError(f"{first.path.name} does not say which network it holds: give --model "
+                     "(a zoo name, module:callable or file.py:callable)")
+
+
+def _is_zoo_name(name: str) -> bool:
+    return ":" not in name
+
+
+def _run_splits(info: RunInfo | None, channels: int, image_size: tuple[int, int],
+                wanted: list[str] | None) -> list[SplitData]:
+    if info is None:
+        raise InputError("no run file and no --data: nothing to analyse")
+    available = [s for s in SPLITS if s in info.split_ids] + \
+        [s for s in info.split_ids if s not in SPLITS]
+    names = _chosen_splits(available, wanted)
+    source = open_source(info.config["data"], info.config.get("test"))
+    loaded = []
+    for name in names:
+        ids = info.split_ids[name]
+        if not ids:
+            print(f"note: the {name} split has no images, skipped", file=sys.stderr)
+            continue
+        which = "test" if name == "test" else "train"
+        pixels = source.load(ids, channels, image_size, which=which)
+        loaded.append(SplitData(name, pixels, SplitImages(ids, info.split_labels[name])))
+    return loaded
+
+
+def _folder_splits(data: dict[str, Path], class_names: list[str], channels: int,
+                   image_size: tuple[int, int], wanted: list[str] | None) -> list[SplitData]:
+    loaded = []
+    for name in _chosen_splits(list(data), wanted):
+        folder_classes, ids, labels = folder_images(data[name])
+        if folder_classes != class_names:
+            raise InputError(f"the classes of {data[name]} ({', '.join(folder_classes)}) differ "
+                             f"from the model's ({', '.join(class_names)})")
+        pixels = read_folder_images(data[name], ids, channels, image_size)
+        loaded.append(SplitData(name, pixels, SplitImages(ids, labels)))
+    return loaded
+
+
+def _chosen_splits(available: list[str], wanted: list[str] | None) -> list[str]:
+    if wanted is None:
+        return available
+    unknown = [s for s in wanted if s not in available]
+    if unknown:
+        raise InputError(f"no {', '.join(unknown)} split here; available: {', '.join(available)}")
+    return wanted

@@ -1,0 +1,231 @@
+"""Reaction results in HDF5: group ``/reaction/<split>/`` of a run file or of a results file.
+
+Per split (every name documented in ``docs/FORMAT.md``)::
+
+    epoch [epoch], class [class], image [image]      coordinates
+    label [image]                                    true class of every image
+    image_reaction [epoch, image]                    Reaction of every image (float32, NaN = not yet)
+    prediction [epoch, image]                        predicted class (-1 = not yet)
+    class_reaction, accuracy, loss [epoch, class]    per-class means
+    empty_maps [epoch, class]                        images whose map was empty (-1 = not yet)
+    model_reaction [epoch]                           mean of the class Reactions
+    checkpoint_file, checkpoint_sha256, seconds [epoch]
+    computed [epoch]                                 1 once the epoch's row is whole (written last)
+
+Every array is pre-allocated, so storing one checkpoint's results rewrites raw bytes in place;
+adding epochs or a split replaces the file atomically (see :mod:`store.h5io`).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from store.errors import InputError
+from store.h5io import (
+    add_coordinate,
+    add_variable,
+    open_for_reading,
+    read_strings,
+    replace_atomically,
+    update_in_place,
+)
+
+RESULTS_FORMAT = "reaction-results"
+RESULTS_VERSION = "1.0"
+GROUP = "reaction"
+SETTINGS = ("layer", "score", "target", "backend")
+
+_IMAGE_VARIABLES = {
+    "image_reaction": ("f4", np.nan, "Reaction of the image: sum of its Grad-CAM map over "
+                       "the positive positions / their number (thesis eq. 3.3)", "1"),
+    "prediction": ("i2", -1, "predicted class index (-1: not computed)", None),
+}
+_CLASS_VARIABLES = {
+    "class_reaction": ("f8", np.nan, "mean Reaction over the class's images", "1"),
+    "accuracy": ("f8", np.nan, "accuracy over the class's images, eval mode", "1"),
+    "loss": ("f8", np.nan, "mean cross-entropy over the class's images, eval mode", "nat"),
+    "empty_maps": ("i4", -1, "number of the class's images whose map was empty "
+                   "(Reaction 0; -1: not computed)", None),
+}
+_EPOCH_VARIABLES = {
+    "model_reaction": ("f8", np.nan, "mean of the class Reactions (thesis fig. 5.9)", "1"),
+    "seconds": ("f8", np.nan, "wall time to compute the checkpoint's results for the split",
+                "s"),
+    "checkpoint_file": ("S256", b"", "checkpoint file name", None),
+    "checkpoint_sha256": ("S64", b"", "SHA-256 of the checkpoint file, hex", None),
+    "computed": ("u1", 0, "1 once the epoch's results are whole (written last)", None),
+}
+
+
+@dataclass(frozen=True)
+class SplitImages:
+    """The identity of a split's images: ids and true labels."""
+
+    ids: list[str]
+    labels: np.ndarray
+
+
+@dataclass(frozen=True)
+class EpochResult:
+    """One checkpoint's results for one split."""
+
+    epoch: int
+    image_reaction: np.ndarray
+    prediction: np.ndarray
+    class_reaction: np.ndarray
+    accuracy: np.ndarray
+    loss: np.ndarray
+    empty_maps: np.ndarray
+    model_reaction: float
+    seconds: float
+    checkpoint_file: str
+    checkpoint_sha256: str
+
+
+def create_results_file(path: Path, class_names: Sequence[str]) -> None:
+    """Create a stand-alone results file (for checkpoints without a run file)."""
+    with replace_atomically(Path(path)) as handle:
+        handle.attrs.update({"format": RESULTS_FORMAT, "format_version": RESULTS_VERSION,
+                             "classes": json.dumps(list(class_names))})
+
+
+def check_results_target(path: Path) -> None:
+    """Refuse to write results into an HDF5 file that is neither a run nor a results file."""
+    with open_for_reading(Path(path)) as handle:
+        kind = handle.attrs.get("format")
+    if kind not in (RESULTS_FORMAT, "reaction-run"):
+        raise InputError(f"{path} is not a reaction run or results file: refusing to write it")
+
+
+def prepare_split(path: Path, split: str, *, epochs: Sequence[int], class_names: Sequence[str],
+                  images: SplitImages, settings: dict[str, str], device: str) -> None:
+    """Make ``/reaction/<split>`` ready to receive ``epochs``, keeping every earlier result.
+
+    Creates the group, or grows its epoch axis to include ``epochs``. Refuses when the group
+    holds results computed with other settings (layer, score, target, backend) or for other
+    images: those are never overwritten.
+    """
+    path = Path(path)
+    with open_for_reading(path) as handle:
+        group = handle.get(f"{GROUP}/{split}")
+        if group is not None:
+            known = _existing_epochs(path, group, split, class_names, images, settings)
+            if set(epochs) <= set(known) and device in json.loads(group.attrs["devices"]):
+                return
+    with replace_atomically(path) as handle:
+        old = handle.get(f"{GROUP}/{split}")
+        known = [] if old is None else old["epoch"][()].tolist()
+        axis = sorted(set(known) | set(epochs))
+        saved = None if old is None else _read_group(old)
+        devices = set() if old is None else set(json.loads(old.attrs["devices"]))
+        if old is not None:
+            del handle[f"{GROUP}/{split}"]
+        group = handle.require_group(GROUP).create_group(split)
+        _create_split_group(group, axis, class_names, images)
+        group.attrs.update(settings)
+        group.attrs["devices"] = json.dumps(sorted(devices | {device}))
+        if saved is not None:
+            _restore_rows(group, saved, known, axis)
+
+
+def _existing_epochs(path: Path, group: h5py.Group, split: str, class_names: Sequence[str],
+                    images: SplitImages, settings: dict[str, str]) -> list[int]:
+    for name in SETTINGS:
+        stored = str(group.attrs.get(name, ""))
+        if stored != settings[name]:
+            raise InputError(
+                f"{path} already holds {split} results computed with {name}={stored!r}, not "
+                f"{settings[name]!r}: write these to another file with --out")
+    if read_strings(group["class"]) != list(class_names):
+        raise InputError(f"{path} holds {split} results for other classes")
+    if read_strings(group["image"]) != images.ids or \
+            not np.array_equal(group["label"][()], images.labels):
+        raise InputError(f"{path} holds {split} results for other images: "
+                         "write these to another file with --out")
+    return group["epoch"][()].tolist()
+
+
+def _create_split_group(group: h5py.Group, epochs: list[int], class_names: Sequence[str],
+                        images: SplitImages) -> None:
+    add_coordinate(group, "epoch", np.asarray(epochs, dtype="i4"), "checkpoint epoch")
+    add_coordinate(group, "class", list(class_names), "class name")
+    add_coordinate(group, "image", images.ids, "image id: index or relative path in the source")
+    label = group.create_dataset("label", data=np.asarray(images.labels, dtype="i8"))
+    label.dims[0].attach_scale(group["image"])
+    label.attrs["long_name"] = "true class index"
+    for table, dims in ((_IMAGE_VARIABLES, ["epoch", "image"]),
+                        (_CLASS_VARIABLES, ["epoch", "class"]),
+                        (_EPOCH_VARIABLES, ["epoch"])):
+        for name, (dtype, fill, long_name, units) in table.items():
+            add_variable(group, name, dims, fill, dtype, long_name, units)
+
+
+_ROW_VARIABLES = (*_IMAGE_VARIABLES, *_CLASS_VARIABLES, *_EPOCH_VARIABLES)
+
+
+def _read_group(group: h5py.Group) -> dict[str, np.ndarray]:
+    return {name: group[name][()] for name in _ROW_VARIABLES}
+
+
+def _restore_rows(group: h5py.Group, saved: dict[str, np.ndarray], known: list[int],
+                  axis: list[int]) -> None:
+    rows = np.searchsorted(axis, known)
+    for name, values in saved.items():
+        data = group[name][()]
+        data[rows] = values
+        group[name][...] = data
+
+
+def computed_epochs(path: Path, split: str) -> set[int]:
+    """Epochs whose results for ``split`` are whole."""
+    with open_for_reading(Path(path)) as handle:
+        group = handle.get(f"{GROUP}/{split}")
+        if group is None:
+            return set()
+        return {int(e) for e, done in zip(group["epoch"][()], group["computed"][()],
+                                          strict=True) if done}
+
+
+def write_epoch_result(path: Path, split: str, result: EpochResult) -> None:
+    """Store one checkpoint's results in place; the ``computed`` flag goes last."""
+    with update_in_place(Path(path)) as handle:
+        group = handle[f"{GROUP}/{split}"]
+        rows = np.flatnonzero(group["epoch"][()] == result.epoch)
+        if len(rows) != 1:
+            raise InputError(f"epoch {result.epoch} has no row in {path}:/{GROUP}/{split}")
+        row = int(rows[0])
+        for name in _ROW_VARIABLES:
+            if name == "computed":
+                continue
+            value = getattr(result, name)
+            group[name][row] = value.encode() if isinstance(value, str) else value
+        handle.flush()
+        group["computed"][row] = 1
+
+
+def read_split_results(path: Path, split: str) -> dict[str, np.ndarray]:
+    """Every array of ``/reaction/<split>`` for its computed epochs (and the coordinates)."""
+    with open_for_reading(Path(path)) as handle:
+        group = handle.get(f"{GROUP}/{split}")
+        if group is None:
+            raise InputError(f"{path} has no Reaction results for the {split} split")
+        done = group["computed"][()].astype(bool)
+        results = {name: group[name][()][done] for name in _ROW_VARIABLES}
+        results["epoch"] = group["epoch"][()][done]
+        results["class"] = np.array(read_strings(group["class"]))
+        results["image"] = np.array(read_strings(group["image"]))
+        results["label"] = group["label"][()]
+        results["settings"] = {name: str(group.attrs[name]) for name in SETTINGS}
+        return results
+
+
+def result_splits(path: Path) -> list[str]:
+    """The splits with a ``/reaction`` group in ``path``."""
+    with open_for_reading(Path(path)) as handle:
+        return list(handle.get(GROUP, {}))
