@@ -1,0 +1,31 @@
+"""Per-class summaries against values worked out by hand."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from analyzer.aggregate import summarise_classes
+
+
+def test_class_and_model_reaction_accuracy_loss_and_empty_maps_by_hand():
+    # class 0: images 0, 2 (Reaction 0.2, 0.0 → mean 0.1, one empty map; predictions 0, 1)
+    # class 1: images 1, 3, 4 (Reaction 0.3, 0.6, 0.9 → 0.6; predictions 1, 1, 0)
+    # class 2: no image → NaN, excluded from the model Reaction = (0.1 + 0.6) / 2
+    reaction = np.array([0.2, 0.3, 0.0, 0.6, 0.9], dtype=np.float32)
+    prediction = np.array([0, 1, 1, 1, 0])
+    loss = np.array([1.0, 2.0, 3.0, 4.0, 6.0])
+    labels = np.array([0, 1, 0, 1, 1])
+    summary = summarise_classes(reaction, prediction, loss, labels, num_classes=3)
+    np.testing.assert_allclose(summary.class_reaction[:2], [0.1, 0.6], rtol=1e-7)
+    assert np.isnan(summary.class_reaction[2])
+    np.testing.assert_allclose(summary.accuracy[:2], [0.5, 2 / 3])
+    np.testing.assert_allclose(summary.loss[:2], [2.0, 4.0])
+    assert summary.empty_maps.tolist() == [1, 0, 0]
+    assert abs(summary.model_reaction - 0.35) < 1e-7
+
+
+def test_tiny_reactions_keep_their_magnitude():
+    reaction = np.array([1.5e-7, 2.5e-7], dtype=np.float32)
+    summary = summarise_classes(reaction, np.array([0, 0]), np.zeros(2), np.array([0, 0]), 1)
+    assert abs(summary.class_reaction[0] - 2e-7) < 1e-13
+    assert summary.empty_maps.tolist() == [0]
