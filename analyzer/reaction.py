@@ -40,6 +40,7 @@ from store.results import (
     prepare_split,
     write_epoch_result,
 )
+from store.runfile import read_run_info
 from trainer.train import resolve_device
 
 
@@ -95,6 +96,7 @@ def compute_reaction(options: ReactionOptions, progress: bool = True) -> Path:
     for path in ignored:
         print(f"note: ignoring {path.name} (not a checkpoint with an epoch number)",
               file=sys.stderr)
+    axis = {c.epoch for c in checkpoints}
     if options.epochs:
         wanted = set(parse_epochs(options.epochs, [c.epoch for c in checkpoints]))
         checkpoints = [c for c in checkpoints if c.epoch in wanted]
@@ -107,7 +109,10 @@ def compute_reaction(options: ReactionOptions, progress: bool = True) -> Path:
                             splits=options.splits)
     if not inputs.splits:
         raise InputError("no split with images to analyse")
-    _prepare_results(results_path, inputs, checkpoints, options, str(device))
+    _preflight(checkpoints[0], inputs, options, device)
+    if results_path == run_file:
+        axis |= set(range(1, read_run_info(run_file).epochs + 1))
+    _prepare_results(results_path, inputs, sorted(axis), options, str(device))
     pending = _pending(results_path, inputs.splits, checkpoints)
     if not pending:
         print(f"all {len(checkpoints)} checkpoints already analysed in {results_path}",
@@ -115,6 +120,18 @@ def compute_reaction(options: ReactionOptions, progress: bool = True) -> Path:
         return results_path
     _run(pending, inputs, results_path, options, device, progress)
     return results_path
+
+
+def _preflight(first: CheckpointFile, inputs: AnalysisInputs, options: ReactionOptions,
+               device: torch.device) -> None:
+    """Fail on a model, layer or class-count mismatch before any file is touched."""
+    backend = None if inputs.model is None else TorchBackend(
+        inputs.model, inputs.layer, device, options.score, options.target)
+    backend = _backend_for(_load(first), backend, inputs, options, device)
+    split = inputs.splits[0]
+    images = torch.as_tensor(split.images[:2], device=device)
+    labels = torch.as_tensor(split.identity.labels[:2], device=device)
+    _per_image(backend, images, labels, 2, len(inputs.class_names), first)
 
 
 def _results_path(options: ReactionOptions, run_file: Path | None) -> Path:
@@ -126,8 +143,9 @@ def _results_path(options: ReactionOptions, run_file: Path | None) -> Path:
     return run_file
 
 
-def _prepare_results(path: Path, inputs: AnalysisInputs, checkpoints: list[CheckpointFile],
+def _prepare_results(path: Path, inputs: AnalysisInputs, epochs: list[int],
                      options: ReactionOptions, device: str) -> None:
+    """Create or check the results groups, with rows for ``epochs`` (every checkpoint's)."""
     if path.exists():
         check_results_target(path)
     else:
@@ -137,7 +155,6 @@ def _prepare_results(path: Path, inputs: AnalysisInputs, checkpoints: list[Check
             raise InputError(f"cannot write {path}: {error.strerror or error}") from None
     settings = {"layer": inputs.layer, "score": options.score, "target": options.target,
                 "backend": TorchBackend.name}
-    epochs = [c.epoch for c in checkpoints]
     for split in inputs.splits:
         prepare_split(path, split.name, epochs=epochs, class_names=inputs.class_names,
                       images=split.identity, settings=settings, device=device)

@@ -130,16 +130,21 @@ class TorchBackend:
                     raise InputError(f"layer {self.layer!r} was not used by the forward pass")
                 targets = labels if self.target == "label" else logits.argmax(dim=1)
                 scores = target_scores(logits, targets, self.score)
-                (gradients,) = torch.autograd.grad(scores.sum(), capture.activation,
-                                                   allow_unused=True)
+                gradients = _gradient(scores, capture.activation)
         finally:
             handle.remove()
         activation = capture.activation.detach()
-        if gradients is None:
-            gradients = torch.zeros_like(activation)
         cam = grad_cam_map(activation, gradients)
         reaction, empty = reaction_from_map(cam)
         return BatchResult(logits.detach(), reaction, empty, cam if keep_maps else None)
+
+
+def _gradient(scores: Tensor, activation: Tensor) -> Tensor:
+    """d(sum of scores)/dA; zero when the scores do not depend on the layer at all."""
+    if not scores.requires_grad:
+        return torch.zeros_like(activation)
+    (gradients,) = torch.autograd.grad(scores.sum(), activation, allow_unused=True)
+    return torch.zeros_like(activation) if gradients is None else gradients
 
 
 def _describe_mismatch(missing: list[str], unexpected: list[str], wrong_shape: list[str]) -> str:

@@ -1,0 +1,218 @@
+"""`analyzer reaction` end to end through the real console script, on real files."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from store.checkpoints import load_checkpoint
+from store.datasets import open_source
+from store.runfile import read_run_info
+from tests.conftest import ROOT, script
+from trainer.models import ModelSpec, build_model, gradcam_layer
+
+
+def tree(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file() and not p.name.endswith(".lock")}
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Path:
+    """A 6-epoch run of the default model on the embedded digits."""
+    out = tmp_path_factory.mktemp("run") / "demo"
+    result = subprocess.run([*script("trainer"), "run", "--out", str(out), "--epochs", "6",
+                             "-q"], capture_output=True, text=True, check=False,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert result.returncode == 0, result.stderr
+    return out
+
+
+def copy_run(trained: Path, tmp_path: Path) -> Path:
+    target = tmp_path / "demo"
+    subprocess.run(["cp", "-r", str(trained), str(target)], check=True)
+    return target
+
+
+def reference_reaction(model: torch.nn.Module, layer: str, images: np.ndarray,
+                       labels: np.ndarray) -> np.ndarray:
+    """Per-image float64 Grad-CAM and Reaction, written independently of the analyzer."""
+    model = model.double().eval()
+    module = dict(model.named_modules())[layer]
+    values = []
+    for image, label in zip(images, labels, strict=True):
+        stored = {}
+
+        def keep(_module, _inputs, output, stored=stored):
+            stored["a"] = output
+        handle = module.register_forward_hook(keep)
+        logits = model(torch.as_tensor(image[None], dtype=torch.float64))
+        handle.remove()
+        (gradient,) = torch.autograd.grad(logits[0, int(label)], stored["a"])
+        activation = stored["a"][0].detach()
+        alpha = gradient[0].mean(dim=(1, 2))
+        cam = torch.relu((alpha[:, None, None] * activation).sum(0))
+        positive = int((cam > 0).sum())
+        values.append(float(cam.sum()) / positive if positive else 0.0)
+    return np.array(values)
+
+
+def test_reaction_of_every_checkpoint_and_split_matches_a_float64_loop(trained, tmp_path, cli):
+    run = copy_run(trained, tmp_path)
+    result = cli("analyzer", "reaction", "--ckpt-dir", str(run / "checkpoints"), "-q")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == f"results: {run / 'run.h5'}"
+    info = read_run_info(run / "run.h5")
+    source = open_source("digits")
+    tensors, metadata = load_checkpoint(run / "checkpoints" / "epoch_0004.safetensors")
+    spec = ModelSpec.from_json(metadata["model"])
+    with h5py.File(run / "run.h5", "r") as handle:
+        for split in ("train", "val", "test"):
+            group = handle[f"reaction/{split}"]
+            assert group["computed"][()].tolist() == [1] * 6
+            assert group.attrs["layer"] == gradcam_layer("small")
+            ids = info.split_ids[split][:40]
+            labels = info.split_labels[split][:40]
+            model = build_model(spec)
+            model.load_state_dict(tensors)
+            expected = reference_reaction(model, gradcam_layer("small"),
+                                          source.load(ids, 1, (8, 8),
+                                                      which="test" if split == "test"
+                                                      else "train"), labels)
+            stored = group["image_reaction"][3, :40]
+            np.testing.assert_allclose(stored, expected, rtol=1e-5, atol=1e-7)
+            assert np.isfinite(group["class_reaction"][()]).all()
+            assert (group["empty_maps"][()] >= 0).all()
+
+
+def test_accuracy_and_loss_per_class_match_an_independent_evaluation(trained, tmp_path, cli):
+    run = copy_run(trained, tmp_path)
+    assert cli("analyzer", "reaction", "--ckpt-dir", str(run / "checkpoints"), "--splits",
+               "test", "--epochs", "6", "-q").returncode == 0
+    info = read_run_info(run / "run.h5")
+    tensors, metadata = load_checkpoint(run / "checkpoints" / "epoch_0006.safetensors")
+    model = build_model(ModelSpec.from_json(metadata["model"]))
+    model.load_state_dict(tensors)
+    model.eval()
+    images = open_source("digits").load(info.split_ids["test"], 1, (8, 8), which="test")
+    labels = info.split_labels["test"]
+    with torch.no_grad():
+        logits = model(torch.as_tensor(images)).double()
+    losses = torch.nn.functional.cross_entropy(logits, torch.as_tensor(labels),
+                                               reduction="none").numpy()
+    hits = (logits.argmax(1).numpy() == labels)
+    with h5py.File(run / "run.h5", "r") as handle:
+        group = handle["reaction/test"]
+        row = list(group["epoch"][()]).index(6)
+        assert group["computed"][()].sum() == 1
+        for label in range(10):
+            mine = labels == label
+            assert group["accuracy"][row, label] == pytest.approx(hits[mine].mean())
+            assert group["loss"][row, label] == pytest.approx(losses[mine].mean(), rel=1e-5)
+        assert "reaction/train" not in handle
+
+
+def test_a_rerun_skips_what_is_done_and_other_settings_are_refused(trained, tmp_path, cli):
+    run = copy_run(trained, tmp_path)
+    assert cli("analyzer", "reaction", "--ckpt-dir", str(run / "checkpoints"), "--epochs",
+               "1:6:2", "-q").returncode == 0
+    with h5py.File(run / "run.h5", "r") as handle:
+        assert handle["reaction/train/computed"][()][:6].tolist() == [1, 0, 1, 0, 1, 0]
+    done = cli("analyzer", "reaction", "--ckpt-dir", str(run / "checkpoints"), "--epochs",
+               "1:6:2", "-q")
+    assert done.returncode == 0 and "already analysed" in done.stderr
+    before = (run / "run.h5").read_bytes()
+    refused = cli("analyzer", "reaction", "--ckpt-dir", str(run / "checkpoints"), "--score",
+                  "softmax", "-q")
+    assert refused.returncode != 0
+    assert "score='logit'" in refused.stderr and "--out" in refused.stderr
+    assert (run / "run.h5").read_bytes() == before
+    side = cli("analyzer", "reaction", "--ckpt-dir", str(run / "checkpoints"), "--score",
+               "softmax", "--epochs", "2", "--out", str(tmp_path / "softmax.h5"), "-q")
+    assert side.returncode == 0, side.stderr
+    assert (run / "run.h5").read_bytes() == before
+
+
+@pytest.mark.parametrize("case", ["truncated", "wrong model", "no such layer", "pickle",
+                                  "class count"])
+def test_bad_input_is_one_line_and_earlier_results_stay(trained, tmp_path, cli, case):
+    run = copy_run(trained, tmp_path)
+    assert cli("analyzer", "reaction", "--ckpt-dir", str(run / "checkpoints"), "--epochs", "1",
+               "-q").returncode == 0
+    before = (run / "run.h5").read_bytes()
+    args = ["--ckpt-dir", str(run / "checkpoints"), "-q"]
+    if case == "truncated":
+        path = run / "checkpoints" / "epoch_0003.safetensors"
+        path.write_bytes(path.read_bytes()[:100])
+        expected = "epoch_0003.safetensors"
+    elif case == "wrong model":
+        args += ["--model", "mnist", "--image-size", "28x28"]
+        expected = "missing"
+    elif case == "no such layer":
+        args += ["--layer", "features.55"]
+        expected = "features.5"
+    elif case == "pickle":
+        torch.save({"weights": Path("x")}, run / "checkpoints" / "epoch_0007.pt")
+        expected = "weights_only"
+    else:
+        data = tmp_path / "folder"
+        for name in ("x", "y", "z"):
+            (data / name).mkdir(parents=True)
+            Image.fromarray(np.zeros((8, 8), np.uint8)).save(data / name / "0.png")
+        args += ["--data", f"train={data}", "--out", str(tmp_path / "other.h5")]
+        expected = "classes"
+    result = cli("analyzer", "reaction", *args)
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert lines[-1].startswith("Error: ") and expected in lines[-1], result.stderr
+    assert not any(line.startswith("Traceback") for line in lines)
+    with h5py.File(run / "run.h5", "r") as handle:
+        kept = handle["reaction/train/image_reaction"][0]
+    assert np.isfinite(kept).all()
+    if case in ("wrong model", "no such layer", "class count"):  # caught before any write
+        assert (run / "run.h5").read_bytes() == before
+
+
+@pytest.mark.slow
+def test_kill_nine_mid_run_then_rerun_equals_an_uninterrupted_run(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    out = tmp_path / "long"
+    subprocess.run([*script("trainer"), "run", "--out", str(out), "--epochs", "40", "-q"],
+                   check=True, env=env)
+    reference = tmp_path / "reference"
+    subprocess.run(["cp", "-r", str(out), str(reference)], check=True)
+    command = [*script("analyzer"), "reaction", "-q", "--batch-size", "64"]
+    subprocess.run([*command, "--ckpt-dir", str(reference / "checkpoints")], check=True,
+                   env=env)
+
+    process = subprocess.Popen([*command, "--ckpt-dir", str(out / "checkpoints")], env=env,
+                               stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and process.poll() is None:
+        with h5py.File(out / "run.h5", "r", locking=False) as handle:
+            group = handle.get("reaction/test")
+            if group is not None and group["computed"][()].sum() >= 8:
+                break
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    with h5py.File(out / "run.h5", "r") as handle:
+        partial = int(handle["reaction/test/computed"][()].sum())
+    assert 0 < partial < 40, "the kill should land mid-run"
+    subprocess.run([*command, "--ckpt-dir", str(out / "checkpoints")], check=True, env=env)
+    with h5py.File(out / "run.h5", "r") as done, h5py.File(reference / "run.h5", "r") as ref:
+        for split in ("train", "val", "test"):
+            for name in ("image_reaction", "prediction", "class_reaction", "accuracy", "loss",
+                         "empty_maps", "model_reaction", "computed", "checkpoint_sha256"):
+                np.testing.assert_array_equal(done[f"reaction/{split}/{name}"][()],
+                                              ref[f"reaction/{split}/{name}"][()],
+                                              err_msg=f"{split}/{name}")
