@@ -18,8 +18,8 @@ from analyzer.model_factory import default_layer, resolve_model
 from store.datasets import SPLITS, folder_images, open_source, read_folder_images
 from store.errors import InputError
 from store.model_files import CheckpointFile, load_weights_file
-from store.runfile import RUN_FILE, RunInfo, read_run_info
 from store.results import SplitImages
+from store.runfile import RUN_FILE, RunInfo, read_run_info
 from trainer.models import ModelSpec, build_model, gradcam_layer
 
 

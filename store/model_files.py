@@ -24,7 +24,6 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 import torch
-from torch.export.pt2_archive import constants as pt2
 
 from store.checkpoints import load_checkpoint
 from store.errors import InputError
@@ -240,6 +239,7 @@ def _load_exported_program(path: Path) -> torch.nn.Module:
 
 def _refuse_unsafe_pt2(path: Path) -> None:
     """InputError if ``torch.export.load`` would unpickle or run native code from ``path``."""
+    from torch.export.pt2_archive import constants as pt2  # slow import: only for .pt2
     try:
         with zipfile.ZipFile(path) as archive:
             entries = {name.partition("/")[2]: name for name in archive.namelist()}
@@ -256,6 +256,7 @@ def _refuse_unsafe_pt2(path: Path) -> None:
 
 def _pt2_danger(archive: zipfile.ZipFile, entries: dict[str, str]) -> str | None:
     """What in a .pt2 archive would be unpickled or run while loading it; None if nothing."""
+    from torch.export.pt2_archive import constants as pt2  # slow import: only for .pt2
     for inner, name in entries.items():
         if inner.startswith(pt2.AOTINDUCTOR_DIR):
             return "AOTInductor compiled code"

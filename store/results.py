@@ -4,7 +4,7 @@ Per split (every name documented in ``docs/FORMAT.md``)::
 
     epoch [epoch], class [class], image [image]      coordinates
     label [image]                                    true class of every image
-    image_reaction [epoch, image]                    Reaction of every image (float32, NaN = not yet)
+    image_reaction [epoch, image]                    Reaction per image (float32, NaN = not yet)
     prediction [epoch, image]                        predicted class (-1 = not yet)
     class_reaction, accuracy, loss [epoch, class]    per-class means
     empty_maps [epoch, class]                        images whose map was empty (-1 = not yet)
