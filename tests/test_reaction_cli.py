@@ -216,3 +216,80 @@ def test_kill_nine_mid_run_then_rerun_equals_an_uninterrupted_run(tmp_path):
                 np.testing.assert_array_equal(done[f"reaction/{split}/{name}"][()],
                                               ref[f"reaction/{split}/{name}"][()],
                                               err_msg=f"{split}/{name}")
+
+
+FOREIGN_MODULE = '''
+import torch
+from torch import nn
+
+
+class Residual(nn.Module):
+    def __init__(self, channels):
+        super().__init__()
+        self.conv1 = nn.Conv2d(channels, channels, 3, padding=1)
+        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x):
+        return x + self.conv2(torch.relu(self.conv1(x)))
+
+
+class Net(nn.Module):
+    def __init__(self, num_classes):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 6, 3), nn.BatchNorm2d(6), nn.ReLU(),
+                                  Residual(6), nn.ReLU())
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                                  nn.Linear(6, num_classes))
+
+    def forward(self, x):
+        return self.head(self.body(x))
+
+
+def make_cnn(num_classes):
+    return Net(num_classes)
+'''
+
+
+def test_foreign_lightning_checkpoints_with_a_residual_model_and_image_folders(tmp_path, cli):
+    (tmp_path / "mynets.py").write_text(FOREIGN_MODULE)
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("mynets_test_copy", tmp_path / "mynets.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    data = tmp_path / "images"
+    rng = np.random.default_rng(0)
+    for name in ("arabic", "greek", "thai"):
+        (data / name).mkdir(parents=True)
+        for index in range(5):
+            pixels = rng.integers(0, 255, (10, 14, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(data / name / f"{index}.png")
+    checkpoints = tmp_path / "ckpts"
+    checkpoints.mkdir()
+    models = {}
+    for epoch in (1, 2):
+        torch.manual_seed(epoch)
+        model = module.make_cnn(3)
+        model.body[1].running_mean.uniform_(-0.5, 0.5)
+        models[epoch] = model
+        torch.save({"epoch": epoch, "state_dict": {f"model.{k}": v for k, v in
+                                                   model.state_dict().items()}},
+                   checkpoints / f"run-epoch={epoch}-step={epoch * 10}.ckpt")
+    (checkpoints / "notes.txt").write_text("not a checkpoint")
+    out = tmp_path / "reaction.h5"
+    result = cli("analyzer", "reaction", "--ckpt-dir", str(checkpoints), "--model",
+                 "mynets:make_cnn", "--layer", "body.4", "--data", f"train={data}",
+                 "--image-size", "10x14", "--channels", "3", "--out", str(out), "-q",
+                 cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "ignoring notes.txt" in result.stderr
+    with h5py.File(out, "r") as handle:
+        group = handle["reaction/train"]
+        assert group["epoch"][()].tolist() == [1, 2]
+        ids = [v.decode() for v in group["image"][()]]
+        labels = group["label"][()]
+        for row, epoch in enumerate((1, 2)):
+            images = np.stack([np.asarray(Image.open(data / i).convert("RGB"), np.float32)
+                               .transpose(2, 0, 1) / 255 for i in ids])
+            expected = reference_reaction(models[epoch], "body.4", images, labels)
+            np.testing.assert_allclose(group["image_reaction"][row], expected, rtol=1e-5,
+                                       atol=1e-7)
