@@ -20,6 +20,7 @@ $(VENV)/.installed: pyproject.toml
 
 demo: venv
 	$(BIN)/trainer run --out $(DEMO) --force
+	$(BIN)/analyzer reaction --ckpt-dir $(DEMO)/checkpoints
 
 test: venv
 	$(BIN)/python -m pytest -q
