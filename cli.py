@@ -58,12 +58,15 @@ def trainer() -> None:
 @click.option("--resume", is_flag=True,
               help="Continue the run in --out from its last complete epoch (its settings).")
 @click.option("--force", is_flag=True, help="Start over even if --out holds a run.")
+@click.option("--onnx", is_flag=True,
+              help="Also write checkpoints/epoch_NNNN.onnx, with the Grad-CAM gradient graph "
+                   "(docs/ONNX.md).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @_user_errors
 def trainer_run(out: Path, data: str, test_data: str | None, model: str, epochs: int,
                 batch_size: int, learning_rate: float, val_fraction: float, seed: int,
                 image_size: str | None, channels: int, device: str, resume: bool, force: bool,
-                quiet: bool) -> None:
+                onnx: bool, quiet: bool) -> None:
     """Train and save every epoch.
 
     \b
@@ -71,6 +74,7 @@ def trainer_run(out: Path, data: str, test_data: str | None, model: str, epochs:
       trainer run --out runs/demo
       trainer run --data siw13/train --test siw13/test --model model4 --out runs/m4
       trainer run --out runs/demo --resume
+      trainer run --out runs/demo --onnx
     """
     from trainer.train import TrainConfig, train
 
@@ -79,7 +83,7 @@ def trainer_run(out: Path, data: str, test_data: str | None, model: str, epochs:
     config = TrainConfig(data=data, test=test_data, model=model, epochs=epochs,
                          batch_size=batch_size, learning_rate=learning_rate,
                          val_fraction=val_fraction, seed=seed, image_size=image_size,
-                         channels=channels)
+                         channels=channels, onnx=onnx)
     command = shlex.join(["trainer", *sys.argv[1:]])
     run_path = train(config, out, resume=resume, force=force, device=device,
                      progress=not quiet, command=command)
@@ -138,18 +142,25 @@ def _split_list(text: str | None) -> list[str] | None:
 @click.option("--splits", default=None, help="Comma-separated splits. Default: all.")
 @click.option("--epochs", default=None, metavar="SEL",
               help="Epochs to analyse: 1:1000:10, 5, 1,10,100. Default: every checkpoint.")
-@click.option("--score", type=click.Choice(["logit", "softmax"]), default="logit",
-              show_default=True, help="Target score: the logit (thesis) or its softmax.")
-@click.option("--target", type=click.Choice(["label", "pred"]), default="label",
-              show_default=True, help="Target class: the true label or the prediction.")
+@click.option("--score", type=click.Choice(["logit", "softmax"]), default=None,
+              help="Target score: the logit (thesis) or its softmax. "
+                   "Default: logit, or what the ONNX checkpoints were exported with.")
+@click.option("--target", type=click.Choice(["label", "pred"]), default=None,
+              help="Target class: the true label or the prediction. "
+                   "Default: label, or what the ONNX checkpoints were exported with.")
+@click.option("--backend", type=click.Choice(["auto", "torch", "onnx"]), default="auto",
+              show_default=True,
+              help="auto: ONNX Runtime for .onnx checkpoints, else PyTorch. onnx on PyTorch "
+                   "checkpoints converts each one in memory.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N.")
 @click.option("--batch-size", default=256, show_default=True, type=click.IntRange(1))
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @_user_errors
 def analyzer_reaction(ckpt_dir: Path, run: Path | None, out: Path | None, model: str | None,
                       layer: str | None, data: tuple[str, ...], image_size: str | None,
-                      channels: int | None, splits: str | None, epochs: str | None, score: str,
-                      target: str, device: str, batch_size: int, quiet: bool) -> None:
+                      channels: int | None, splits: str | None, epochs: str | None,
+                      score: str | None, target: str | None, backend: str, device: str,
+                      batch_size: int, quiet: bool) -> None:
     """Reaction value of every image, class and checkpoint (SPEC §2).
 
     \b
@@ -159,6 +170,7 @@ def analyzer_reaction(ckpt_dir: Path, run: Path | None, out: Path | None, model:
       analyzer reaction --ckpt-dir other/ckpts --model mypkg.nets:make_cnn --layer body.7 \\
           --data train=siw13/train --data test=siw13/test --image-size 50x200 \\
           --out other/reaction.h5
+      analyzer reaction --ckpt-dir runs/m4/onnx --run runs/m4/run.h5
     """
     from analyzer.inputs import parse_data_options
     from analyzer.reaction import ReactionOptions, compute_reaction
@@ -169,9 +181,271 @@ def analyzer_reaction(ckpt_dir: Path, run: Path | None, out: Path | None, model:
         data=parse_data_options(data),
         image_size=parse_image_size(image_size) if image_size else None, channels=channels,
         splits=_split_list(splits), epochs=epochs, score=score, target=target, device=device,
-        batch_size=batch_size)
+        batch_size=batch_size, backend=backend)
     path = compute_reaction(options, progress=not quiet)
     click.echo(f"results: {path}")
+
+
+@analyzer.command("export-onnx")
+@click.option("--ckpt-dir", type=click.Path(path_type=Path), required=True,
+              help="Folder of PyTorch checkpoints, one file per epoch.")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="Folder for epoch_NNNN.onnx (created).")
+@click.option("--run", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="The run file. Default: run.h5 in the checkpoint folder's parent.")
+@click.option("--model", default=None,
+              help="Zoo name, module:callable or path/to/file.py:callable returning an "
+                   "nn.Module. Default: the run file's model.")
+@click.option("--layer", default=None,
+              help="Grad-CAM layer (qualified module name). Default: the model's own.")
+@click.option("--image-size", default=None, metavar="HxW", help="Model input size.")
+@click.option("--channels", default=None, type=click.IntRange(1, 3), help="1 or 3.")
+@click.option("--epochs", default=None, metavar="SEL",
+              help="Epochs to export: 1:1000:10, 5, 1,10,100. Default: every checkpoint.")
+@click.option("--score", type=click.Choice(["logit", "softmax"]), default="logit",
+              show_default=True, help="Target score: the logit (thesis) or its softmax.")
+@click.option("--target", type=click.Choice(["label", "pred"]), default="label",
+              show_default=True, help="Target class: the true label or the prediction.")
+@click.option("--with-maps", is_flag=True,
+              help="Also output the Grad-CAM map at the layer's resolution (heat maps).")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+@_user_errors
+def analyzer_export_onnx(ckpt_dir: Path, out: Path, run: Path | None, model: str | None,
+                         layer: str | None, image_size: str | None, channels: int | None,
+                         epochs: str | None, score: str, target: str, with_maps: bool,
+                         quiet: bool) -> None:
+    """Export every checkpoint to ONNX with its Grad-CAM gradient graph (docs/ONNX.md).
+
+    Files already exported from the same checkpoint with the same settings are skipped.
+
+    \b
+    Examples:
+      analyzer export-onnx --ckpt-dir runs/m4/checkpoints --out runs/m4/onnx
+      analyzer export-onnx --ckpt-dir other/ckpts --model mypkg.nets:make_cnn \\
+          --layer body.7 --image-size 50x200 --channels 1 --out other/onnx
+    """
+    from analyzer.onnx_export import ExportOptions, export_checkpoints
+    from store.datasets import parse_image_size
+
+    options = ExportOptions(
+        ckpt_dir=ckpt_dir, out=out, run=run, model=model, layer=layer,
+        image_size=parse_image_size(image_size) if image_size else None, channels=channels,
+        epochs=epochs, score=score, target=target, with_maps=with_maps)
+    summary = export_checkpoints(options, progress=not quiet)
+    click.echo(f"exported {len(summary.written)} checkpoints to {summary.out}"
+               + (f" ({len(summary.skipped)} already there)" if summary.skipped else ""))
+
+
+@analyzer.command("plot")
+@click.argument("run_files", nargs=-1, required=True,
+                type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="Folder for the figures (created).")
+@click.option("--smooth", default=10, show_default=True, type=click.IntRange(1),
+              help="Moving average over N analysed epochs, centred (1: none).")
+@click.option("--format", "image_format", type=click.Choice(["png", "pdf", "svg"]),
+              default="png", show_default=True)
+@click.option("--epoch", default=None, type=int,
+              help="Epoch of the scatter plots. Default: the last analysed on train and test.")
+@click.option("--split", default="train", show_default=True,
+              help="Split whose Reaction and loss curves are drawn.")
+@click.option("--dpi", default=100, show_default=True, type=click.IntRange(30, 600))
+@_user_errors
+def analyzer_plot(run_files: tuple[Path, ...], out: Path, smooth: int, image_format: str,
+                  epoch: int | None, split: str, dpi: int) -> None:
+    """The thesis's figures (SPEC §3 items 1-4) from run files, models overlaid.
+
+    \b
+    Writes, per figure that the files can feed:
+      reaction_per_class, loss_per_class, train_accuracy_per_class,
+      test_accuracy_per_class (fig. 5.2a-d), scatter_epoch_E (fig. 5.1, 5.3),
+      model_reaction (fig. 5.9), threshold_sweep (fig. 5.10, 5.11).
+    \b
+    Examples:
+      analyzer plot runs/demo/run.h5 --out figs/
+      analyzer plot runs/m2/run.h5 runs/m4/run.h5 --out figs/ --smooth 25 --format pdf
+    """
+    from analyzer.figures import load_runs, thesis_figures
+
+    runs = load_runs(run_files)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise InputError(f"cannot create {out}: {error.strerror or error}") from None
+    for named in thesis_figures(runs, smooth, epoch, split):
+        if named.figure is None:
+            click.echo(f"note: {named.name} skipped: {named.note}", err=True)
+            continue
+        path = out / f"{named.name}.{image_format}"
+        named.figure.savefig(path, dpi=dpi)
+        click.echo(f"wrote {path}")
+
+
+@analyzer.command("cam")
+@click.option("--ckpt-dir", type=click.Path(path_type=Path), required=True,
+              help="Folder of checkpoints, one file per epoch.")
+@click.option("--epochs", default=None, metavar="SEL",
+              help="Columns: epochs with a checkpoint (1,10,100,1000 or 1:1000:333). "
+                   "Default: the first, those nearest 10, 100, 1000..., the last.")
+@click.option("--images", default=8, show_default=True, type=click.IntRange(1),
+              help="Rows: the first N images of the split, spread over the classes.")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True,
+              help="Image file (.png, .pdf or .svg).")
+@click.option("--split", default="train", show_default=True)
+@click.option("--run", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="The run file. Default: run.h5 in the checkpoint folder's parent.")
+@click.option("--model", default=None,
+              help="Zoo name, module:callable or file.py:callable. Default: the run's model.")
+@click.option("--layer", default=None,
+              help="Grad-CAM layer. Default: the stored results' layer, else the model's.")
+@click.option("--data", "data", multiple=True, metavar="SPLIT=FOLDER",
+              help="Images of a split, one sub-folder per class. Default: the run's splits.")
+@click.option("--image-size", default=None, metavar="HxW", help="Model input size.")
+@click.option("--channels", default=None, type=click.IntRange(1, 3), help="1 or 3.")
+@click.option("--scale", type=click.Choice(["cell", "shared"]), default="cell",
+              show_default=True,
+              help="Colour scale: each map to its own maximum, or one for the grid.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N.")
+@click.option("--dpi", default=100, show_default=True, type=click.IntRange(30, 600))
+@_user_errors
+def analyzer_cam(ckpt_dir: Path, epochs: str | None, images: int, out: Path, split: str,
+                 run: Path | None, model: str | None, layer: str | None, data: tuple[str, ...],
+                 image_size: str | None, channels: int | None, scale: str, device: str,
+                 dpi: int) -> None:
+    """Grad-CAM heat maps over the input images, images x epochs (SPEC §3 item 5).
+
+    Each cell is titled with the class, the epoch and the image's Reaction (the value
+    'analyzer reaction' stores); the map is upsampled bilinearly for display only.
+
+    \b
+    Examples:
+      analyzer cam --ckpt-dir runs/demo/checkpoints --out figs/cam.png
+      analyzer cam --ckpt-dir runs/m4/checkpoints --epochs 1,10,100,1000 --images 8 \\
+          --split test --out figs/cam_test.pdf
+    """
+    from analyzer.cam import CamOptions, cam_figure, compute_cam_grid
+    from analyzer.inputs import parse_data_options
+    from store.datasets import parse_image_size
+
+    grid = compute_cam_grid(CamOptions(
+        ckpt_dir=ckpt_dir, epochs=epochs, images=images, split=split, run=run, model=model,
+        layer=layer, data=parse_data_options(data),
+        image_size=parse_image_size(image_size) if image_size else None, channels=channels,
+        device=device))
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        cam_figure(grid, scale).savefig(out, dpi=dpi)
+    except (OSError, ValueError) as error:
+        raise InputError(f"cannot write {out}: {error}") from None
+    click.echo(f"wrote {out}")
+
+
+@analyzer.command("report")
+@click.argument("run_files", nargs=-1, required=True,
+                type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="Folder for index.html (created).")
+@click.option("--ckpt-dir", "ckpt_dirs", multiple=True, type=click.Path(path_type=Path),
+              help="Checkpoint folder of each run file, in order (repeatable). "
+                   "Default: checkpoints/ beside each run file, when present.")
+@click.option("--no-cam", is_flag=True, help="Leave out the Grad-CAM heat maps.")
+@click.option("--cam-images", default=8, show_default=True, type=click.IntRange(1))
+@click.option("--smooth", default=10, show_default=True, type=click.IntRange(1),
+              help="Moving average over N analysed epochs, centred (1: none).")
+@click.option("--epoch", default=None, type=int,
+              help="Epoch of the scatter plots. Default: the last analysed on train and test.")
+@click.option("--split", default="train", show_default=True,
+              help="Split whose Reaction and loss curves are drawn.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N.")
+@_user_errors
+def analyzer_report(run_files: tuple[Path, ...], out: Path, ckpt_dirs: tuple[Path, ...],
+                    no_cam: bool, cam_images: int, smooth: int, epoch: int | None, split: str,
+                    device: str) -> None:
+    """One self-contained HTML page to share: provenance, figures, picked epochs, heat maps.
+
+    Figures are embedded; the page needs no server and no network (open it from a mail).
+
+    \b
+    Examples:
+      analyzer report runs/demo/run.h5 --out report/
+      analyzer report runs/*/run.h5 --out report/ --no-cam
+    """
+    from analyzer.report import ReportOptions, write_report
+
+    path = write_report(ReportOptions(runs=run_files, out=out, ckpt_dirs=ckpt_dirs,
+                                      cam=not no_cam, cam_images=cam_images, smooth=smooth,
+                                      epoch=epoch, split=split, device=device))
+    click.echo(f"report: {path}")
+
+
+@analyzer.command("extract")
+@click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--series", "series", multiple=True, metavar="NAME",
+              help="Series to pick from (repeatable or comma-separated): reaction:train, "
+                   "reaction:val, loss:val, loss:train, a dataset such as "
+                   "training/val_accuracy, or a CSV column. Default: reaction:train and "
+                   "loss:val (a CSV: every column).")
+@click.option("--threshold", default="0.3", show_default=True, metavar="T|auto",
+              help="Threshold T in (0, 1] of the threshold criterion, or 'auto' for the "
+                   "criterion without a hand-set threshold (docs/EXTRACT.md).")
+@click.option("--window", default=100, show_default=True, type=int,
+              help="Values in the standard-deviation (or trend-test) window.")
+@click.option("--sweep", is_flag=True, help="Every T = 0.01, 0.02, …, 1.00 instead of one.")
+@click.option("--after-peak", is_flag=True,
+              help="Minimum after the series' maximum (the Reaction rule) for every series.")
+@click.option("--test-column", "--test-series", "test_series", default=None, metavar="NAME",
+              help="Test accuracy per epoch. Default: accuracy:test (from the Reaction pass "
+                   "over the test split), or a CSV's test_accuracy column.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON list instead of a table.")
+@click.option("--no-save", is_flag=True, help="Do not store the rows in the file's /extract.")
+@_user_errors
+def analyzer_extract(file: Path, series: tuple[str, ...], threshold: str, window: int,
+                     sweep: bool, after_peak: bool, test_series: str | None, as_json: bool,
+                     no_save: bool) -> None:
+    """Pick the epoch: threshold and minimum criteria (SPEC §4), with the test accuracy there.
+
+    \b
+    Examples:
+      analyzer extract runs/m4/run.h5 --threshold 0.3
+      analyzer extract runs/m4/run.h5 --sweep --json
+      analyzer extract runs/m4/run.h5 --threshold auto
+      analyzer extract curves.csv --series val_loss --threshold 0.3
+    """
+    import json
+
+    from analyzer.extract import format_table
+    from analyzer.extract_file import ExtractRequest, extract_file, parse_threshold
+
+    request = ExtractRequest(path=file, series=_split_list(",".join(series)) or None,
+                             threshold=parse_threshold(threshold), window=window, sweep=sweep,
+                             after_peak=after_peak, test_series=test_series, save=not no_save)
+    result = extract_file(request)
+    if as_json:
+        click.echo(json.dumps([row.to_json() for row in result.rows], indent=1))
+    else:
+        click.echo(format_table(result.rows, result.best))
+    if result.saved:
+        click.echo(f"stored in {file}:/extract", err=True)
+
+
+@analyzer.command("info")
+@click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
+@_user_errors
+def analyzer_info(file: Path, as_json: bool) -> None:
+    """What a run or results file holds: model, splits, epochs trained and analysed, picks.
+
+    \b
+    Examples:
+      analyzer info runs/demo/run.h5
+      analyzer info runs/demo/run.h5 --json
+    """
+    import json
+
+    from store.inventory import describe_file, format_summary
+
+    summary = describe_file(file)
+    click.echo(json.dumps(summary, indent=1) if as_json else format_summary(summary))
 
 
 if __name__ == "__main__":

@@ -17,7 +17,8 @@ from torch import nn
 from analyzer.model_factory import default_layer, resolve_model
 from store.datasets import SPLITS, folder_images, open_source, read_folder_images
 from store.errors import InputError
-from store.model_files import CheckpointFile, load_weights_file
+from store.model_files import CheckpointFile, load_weights_file, strip_common_prefix
+from store.onnx_files import OnnxContract
 from store.results import SplitImages
 from store.runfile import RUN_FILE, RunInfo, read_run_info
 from trainer.models import ModelSpec, build_model, gradcam_layer
@@ -36,12 +37,28 @@ class SplitData:
 class AnalysisInputs:
     """Everything the Reaction pass needs besides the checkpoints themselves."""
 
-    model: nn.Module | None  # None when every checkpoint is a self-contained program (.pt2)
+    model: nn.Module | None  # None when every checkpoint carries its network (.pt2, .onnx)
     layer: str
     class_names: list[str]
     splits: list[SplitData]
     run_file: Path | None
     model_description: str
+    image_size: tuple[int, int] | None = None
+    channels: int | None = None
+    model_spec: str | None = None  # the zoo spec JSON when the model is a zoo one
+
+
+@dataclass
+class NetworkInputs:
+    """The network to load checkpoints into, its Grad-CAM layer, classes and input shape."""
+
+    model: nn.Module | None
+    layer: str
+    class_names: list[str] | None  # None when nothing names them (export without a run file)
+    image_size: tuple[int, int]
+    channels: int
+    description: str
+    model_spec: str | None
 
 
 def find_run_file(ckpt_dir: Path, run: Path | None) -> Path | None:
@@ -72,27 +89,83 @@ def resolve_inputs(*, first_checkpoint: CheckpointFile, run_file: Path | None,
                    image_size: tuple[int, int] | None, channels: int | None,
                    splits: list[str] | None) -> AnalysisInputs:
     """Decide model, layer, classes and splits; load the splits' images."""
+    network = resolve_network(first_checkpoint=first_checkpoint, run_file=run_file,
+                              model=model, layer=layer, data=data, image_size=image_size,
+                              channels=channels)
+    class_names = network.class_names or []
+    info = read_run_info(run_file) if run_file else None
+    split_data = (_folder_splits(data, class_names, network.channels, network.image_size,
+                                 splits) if data
+                  else _run_splits(info, network.channels, network.image_size, splits))
+    return AnalysisInputs(network.model, network.layer, class_names, split_data, run_file,
+                          network.description, network.image_size, network.channels,
+                          network.model_spec)
+
+
+def resolve_network(*, first_checkpoint: CheckpointFile, run_file: Path | None,
+                    model: str | None, layer: str | None, data: dict[str, Path],
+                    image_size: tuple[int, int] | None, channels: int | None,
+                    require_class_names: bool = True) -> NetworkInputs:
+    """Decide the network, its layer, classes and input shape (no images are read).
+
+    Without ``require_class_names`` and with nothing that names the classes, the class count
+    is read off the first checkpoint's weights.
+    """
     info = read_run_info(run_file) if run_file else None
     metadata = _checkpoint_metadata(first_checkpoint)
     spec_json = info.model if info else metadata.get("model")
     spec = ModelSpec.from_json(spec_json) if spec_json else None
-    class_names = _class_names(info, metadata, data)
+    class_names = _class_names(info, metadata, data, required=require_class_names)
     if image_size is None and spec is not None:
         image_size = spec.image_size
     if channels is None:
         channels = spec.in_channels if spec is not None else 1
     if image_size is None:
         raise InputError("cannot tell the input size of the model: give --image-size HxW")
+    num_classes = len(class_names) if class_names is not None else _class_count(
+        model, spec, first_checkpoint, channels, image_size)
     network, description, zoo_name = _build_network(model, spec, first_checkpoint, channels,
-                                                    image_size, len(class_names))
+                                                    image_size, num_classes)
     chosen_layer = layer or (gradcam_layer(zoo_name) if zoo_name else None) or (
         default_layer(network, model or "") if network is not None else None)
     if not chosen_layer:
         raise InputError("this model names no Grad-CAM layer: give --layer NAME "
                          "(the last convolution block's activation)")
-    split_data = (_folder_splits(data, class_names, channels, image_size, splits) if data
-                  else _run_splits(info, channels, image_size, splits))
-    return AnalysisInputs(network, chosen_layer, class_names, split_data, run_file, description)
+    model_spec = ModelSpec(zoo_name, channels, image_size, num_classes).to_json() \
+        if zoo_name else None
+    return NetworkInputs(network, chosen_layer, class_names, tuple(image_size), channels,
+                         description, model_spec)
+
+
+def resolve_onnx_inputs(*, contract: OnnxContract, run_file: Path | None, model: str | None,
+                        layer: str | None, data: dict[str, Path],
+                        image_size: tuple[int, int] | None, channels: int | None,
+                        splits: list[str] | None) -> AnalysisInputs:
+    """Inputs for ONNX checkpoints: layer and input shape come from the files themselves."""
+    if model is not None:
+        raise InputError("--model does not apply to ONNX checkpoints: they carry their network")
+    if layer is not None and layer != contract.layer:
+        raise InputError(f"the ONNX checkpoints compute Grad-CAM at layer {contract.layer!r}: "
+                         f"export them again with 'analyzer export-onnx --layer {layer}'")
+    if image_size is not None and tuple(image_size) != contract.image_size:
+        raise InputError(f"the ONNX checkpoints take {_size(contract.image_size)} images, "
+                         f"not {_size(image_size)}")
+    if channels is not None and channels != contract.channels:
+        raise InputError(f"the ONNX checkpoints take {contract.channels}-channel images, "
+                         f"not {channels}")
+    info = read_run_info(run_file) if run_file else None
+    metadata = {} if contract.class_names is None else {
+        "classes": json.dumps(contract.class_names)}
+    class_names = _class_names(info, metadata, data)
+    size, channels = contract.image_size, contract.channels
+    split_data = (_folder_splits(data, class_names, channels, size, splits) if data
+                  else _run_splits(info, channels, size, splits))
+    return AnalysisInputs(None, contract.layer, class_names, split_data, run_file,
+                          f"ONNX graph (layer {contract.layer})", size, channels)
+
+
+def _size(size: tuple[int, int]) -> str:
+    return f"{size[0]}x{size[1]}"
 
 
 def _checkpoint_metadata(checkpoint: CheckpointFile) -> dict[str, str]:
@@ -102,13 +175,15 @@ def _checkpoint_metadata(checkpoint: CheckpointFile) -> dict[str, str]:
 
 
 def _class_names(info: RunInfo | None, metadata: dict[str, str],
-                 data: dict[str, Path]) -> list[str]:
+                 data: dict[str, Path], required: bool = True) -> list[str] | None:
     if info is not None:
         return info.class_names
     if "classes" in metadata:
         return json.loads(metadata["classes"])
     if data:
         return folder_images(next(iter(data.values())))[0]
+    if not required:
+        return None
     raise InputError("no run file beside the checkpoints: give --run RUN.h5, or --data "
                      "SPLIT=FOLDER with --model and --out")
 
@@ -129,6 +204,32 @@ def _build_network(model: str | None, spec: ModelSpec | None, first: CheckpointF
         return None, "torch.export program", None
     raise InputError(f"{first.path.name} does not say which network it holds: give --model "
                      "(a zoo name, module:callable or file.py:callable)")
+
+
+def _class_count(model: str | None, spec: ModelSpec | None, first: CheckpointFile,
+                 channels: int, image_size: tuple[int, int]) -> int:
+    """The class count, read off the first checkpoint's weights when nothing names it.
+
+    The network is built for 2 and for 3 classes; a weight whose shape differs between the
+    two is the classifier's, and the checkpoint's size on that axis is the count.
+    """
+    if spec is not None:
+        return spec.num_classes
+    if model is None:
+        return 2  # _build_network refuses the checkpoint or it carries its own network
+    shapes = [{key: tuple(value.shape) for key, value in resolve_model(
+        model, in_channels=channels, image_size=image_size, num_classes=count).state_dict()
+        .items()} for count in (2, 3)]
+    weights = load_weights_file(first.path).state_dict or {}
+    weights = strip_common_prefix(weights, set(shapes[0]))
+    for key, two in shapes[0].items():
+        three = shapes[1].get(key)
+        if three is None or two == three or key not in weights:
+            continue
+        axes = [axis for axis, (a, b) in enumerate(zip(two, three, strict=True)) if a != b]
+        if len(axes) == 1 and len(weights[key].shape) == len(two):
+            return int(weights[key].shape[axes[0]])
+    return 2  # the network's size does not depend on the class count
 
 
 def _is_zoo_name(name: str) -> bool:

@@ -71,11 +71,15 @@ def _stem(name: str) -> str:
     return path.stem if path.suffix.lower() in CHECKPOINT_SUFFIXES else path.name
 
 
-def discover_checkpoints(folder: Path) -> tuple[list[CheckpointFile], list[Path]]:
+def discover_checkpoints(folder: Path, suffixes: tuple[str, ...] | None = None
+                         ) -> tuple[list[CheckpointFile], list[Path]]:
     """Checkpoint files directly in ``folder`` sorted by epoch, and the files passed over.
 
     A file is passed over when it is hidden, has another suffix (``.tmp`` included) or has
-    no epoch number in its name. Two files with the same epoch are an error.
+    no epoch number in its name. Two files with the same epoch are an error, except that by
+    default an ``.onnx`` file beside a PyTorch checkpoint of its epoch (``trainer run --onnx``
+    writes both) is left out. With ``suffixes``, checkpoints of the other kinds are left out
+    silently.
     """
     folder = Path(folder)
     if not folder.exists():
@@ -86,16 +90,21 @@ def discover_checkpoints(folder: Path) -> tuple[list[CheckpointFile], list[Path]
     ignored: list[Path] = []
     for path in sorted(entry for entry in folder.iterdir() if entry.is_file()):
         epoch = checkpoint_epoch(path.name)
-        if (path.name.startswith(".") or path.suffix.lower() not in CHECKPOINT_SUFFIXES
-                or epoch is None):
+        suffix = path.suffix.lower()
+        if suffixes is not None and suffix in CHECKPOINT_SUFFIXES and suffix not in suffixes:
+            continue
+        if path.name.startswith(".") or suffix not in CHECKPOINT_SUFFIXES or epoch is None:
             ignored.append(path)
-        elif epoch in found:
-            raise InputError(f"two checkpoints for epoch {epoch}: {found[epoch]} and {path}")
-        else:
+        elif epoch not in found:
             found[epoch] = path
+        elif suffixes is None and {suffix, found[epoch].suffix.lower()} & {".onnx"} and \
+                suffix != found[epoch].suffix.lower():
+            found[epoch] = path if found[epoch].suffix.lower() == ".onnx" else found[epoch]
+        else:
+            raise InputError(f"two checkpoints for epoch {epoch}: {found[epoch]} and {path}")
     if not found:
-        raise InputError(f"no checkpoint files ({', '.join(CHECKPOINT_SUFFIXES)}) with an "
-                         f"epoch number in their name in {folder}")
+        raise InputError(f"no checkpoint files ({', '.join(suffixes or CHECKPOINT_SUFFIXES)}) "
+                         f"with an epoch number in their name in {folder}")
     return [CheckpointFile(epoch, found[epoch]) for epoch in sorted(found)], ignored
 
 

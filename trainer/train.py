@@ -41,6 +41,7 @@ from store.datasets import (
 )
 from store.errors import InputError
 from store.h5io import remove_stale_copies
+from store.onnx_files import onnx_name, remove_stale_onnx_temporaries, write_onnx_file
 from store.runfile import (
     CHECKPOINT_DIR,
     RUN_FILE,
@@ -51,7 +52,7 @@ from store.runfile import (
     update_provenance,
     write_epoch,
 )
-from trainer.models import ModelSpec, build_model, default_image_size
+from trainer.models import ModelSpec, build_model, default_image_size, gradcam_layer
 
 _PACKAGES = ("reaction", "torch", "numpy", "h5py", "safetensors", "scikit-learn")
 
@@ -70,6 +71,7 @@ class TrainConfig:
     seed: int = 0
     image_size: str | None = None
     channels: int = 1
+    onnx: bool = False  # also write epoch_NNNN.onnx with the Grad-CAM graph (docs/ONNX.md)
 
     def validate(self) -> None:
         """Reject impossible numbers with one clear line."""
@@ -110,6 +112,8 @@ class _Session:
     val_labels: torch.Tensor
     num_classes: int
     metadata: dict[str, str]
+    image_size: tuple[int, int] = (0, 0)
+    onnx_exporter: object | None = None  # traced at the first epoch saved, with --onnx
 
 
 def train(config: TrainConfig, out: Path, *, resume: bool = False, force: bool = False,
@@ -175,7 +179,7 @@ def _load_session(config: TrainConfig,
                        torch.as_tensor(train_set.labels, device=device),
                        torch.as_tensor(val_set.images, device=device),
                        torch.as_tensor(val_set.labels, device=device),
-                       len(source.class_names), metadata)
+                       len(source.class_names), metadata, tuple(size))
 
 
 def _start_new_run(config: TrainConfig, source: DataSource, plan: SplitPlan,
@@ -187,7 +191,7 @@ def _start_new_run(config: TrainConfig, source: DataSource, plan: SplitPlan,
         raise InputError(f"cannot create {checkpoints}: {error.strerror}") from None
     if not os.access(out, os.W_OK) or not os.access(checkpoints, os.W_OK):
         raise InputError(f"output folder {out} is not writable")
-    for stale in checkpoints.glob("epoch_*.safetensors"):
+    for stale in [*checkpoints.glob("epoch_*.safetensors"), *checkpoints.glob("epoch_*.onnx")]:
         stale.unlink()
     (out / RESUME_FILE).unlink(missing_ok=True)
     create_run_file(out / RUN_FILE, config=asdict(config), model_json=session.metadata["model"],
@@ -226,6 +230,7 @@ def _check_same_splits(plan: SplitPlan, run_path: Path) -> None:
 def _restore(session: _Session, out: Path, run_path: Path) -> None:
     """Load the resume file; finish its epoch's commit if the crash came just before it."""
     remove_stale_temporaries(out / CHECKPOINT_DIR)
+    remove_stale_onnx_temporaries(out / CHECKPOINT_DIR)
     remove_stale_temporaries(out)  # the resume file's
     remove_stale_copies(run_path)
     completed = read_run_info(run_path).completed_epochs
@@ -260,6 +265,8 @@ def _loop(session: _Session, out: Path, run_path: Path, device: torch.device,
         file_name = checkpoint_name(epoch)
         sha = save_checkpoint(out / CHECKPOINT_DIR / file_name, session.model.state_dict(),
                               {**session.metadata, "epoch": str(epoch)})
+        if config.onnx:
+            _save_onnx(session, out / CHECKPOINT_DIR, epoch, file_name, sha)
         checkpoint_seconds = time.perf_counter() - saved
         record = EpochRecord(epoch, train_loss, train_accuracy, val_loss, val_accuracy,
                              val_class_loss, val_class_accuracy,
@@ -271,6 +278,23 @@ def _loop(session: _Session, out: Path, run_path: Path, device: torch.device,
         write_epoch(run_path, record)
         bar.set_postfix(loss=f"{train_loss:.4f}", acc=f"{train_accuracy:.3f}",
                         val_loss=f"{val_loss:.4f}", val_acc=f"{val_accuracy:.3f}")
+
+
+def _save_onnx(session: _Session, folder: Path, epoch: int, source_file: str,
+               source_sha256: str) -> None:
+    """Write ``epoch_NNNN.onnx`` beside the checkpoint (the graph is traced once per run)."""
+    from analyzer.onnx_export import ExportSettings, ReactionGraphExporter
+
+    if session.onnx_exporter is None:
+        session.onnx_exporter = ReactionGraphExporter(
+            session.model, ExportSettings(gradcam_layer(session.config.model)),
+            channels=session.config.channels, image_size=session.image_size,
+            class_names=json.loads(session.metadata["classes"]),
+            model_spec=session.metadata["model"])
+    exporter = session.onnx_exporter
+    exporter.load_weights(session.model.state_dict())
+    write_onnx_file(folder / onnx_name(epoch), exporter.model_bytes(
+        epoch=epoch, source_sha256=source_sha256, source_file=source_file))
 
 
 def _train_one_epoch(session: _Session, epoch: int, device: torch.device) -> tuple[float, float]:

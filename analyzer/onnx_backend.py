@@ -1,0 +1,194 @@
+"""ONNX Runtime backend: Reaction from ONNX checkpoints that carry their gradient graph.
+
+One inference session per checkpoint, tuned for throughput: every graph optimisation (which
+also folds batch norm into the convolutions), sequential execution, one intra-op thread per
+core. On the CPU the images are handed over as NumPy views of the tensors loaded once; on a GPU
+they stay in device memory and are bound to the session by address (I/O binding), so no image
+is copied per checkpoint. CUDA is used only when ONNX Runtime can really run on it; provider
+errors never reach the user.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import io
+import os
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from analyzer.torch_backend import BatchResult
+from store.errors import InputError
+from store.onnx_files import CAM, EMPTY, IMAGES, LOGITS, REACTION, TARGETS, OnnxFile
+
+_ERRORS_ONLY, _FATAL_ONLY = 3, 4
+_CUDA, _CPU = "CUDAExecutionProvider", "CPUExecutionProvider"
+_NUMPY_TYPES = {torch.float32: np.float32, torch.int64: np.int64, torch.bool: np.bool_}
+
+
+def _ort():
+    import onnxruntime  # slow import: only where the ONNX backend runs
+
+    onnxruntime.set_default_logger_severity(_ERRORS_ONLY)
+    return onnxruntime
+
+
+def intra_op_threads() -> int:
+    """One thread per core this process may use (``OMP_NUM_THREADS`` caps it, as for torch)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    try:
+        cap = int(os.environ.get("OMP_NUM_THREADS", ""))
+    except ValueError:
+        cap = 0
+    return max(1, min(cores or 1, cap) if cap > 0 else cores or 1)
+
+
+def session_options(log_severity: int = _ERRORS_ONLY):
+    """Session options tuned for one large graph run many times."""
+    ort = _ort()
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.intra_op_num_threads = intra_op_threads()
+    options.inter_op_num_threads = 1
+    options.log_severity_level = log_severity
+    return options
+
+
+def cpu_session(payload: bytes):
+    """An ONNX Runtime session on the CPU for a serialized model."""
+    return _ort().InferenceSession(payload, sess_options=session_options(),
+                                   providers=[_CPU])
+
+
+@functools.cache
+def cuda_usable() -> bool:
+    """True when ONNX Runtime's CUDA provider really runs here (libraries found, GPU present).
+
+    ``onnxruntime-gpu`` lists the CUDA provider even where CUDA or cuDNN is missing, and then
+    logs errors and falls back to the CPU. So: ask torch for a GPU, preload the CUDA and cuDNN
+    libraries (torch's CUDA wheels ship them), and open a one-node session on CUDA, silently.
+    """
+    ort = _ort()
+    if _CUDA not in ort.get_available_providers() or not torch.cuda.is_available():
+        return False
+    sink = io.StringIO()
+    with contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
+        try:
+            if hasattr(ort, "preload_dlls"):
+                ort.preload_dlls(msvc=False)
+            ort.set_default_logger_severity(_FATAL_ONLY)
+            session = ort.InferenceSession(_identity_model(), session_options(_FATAL_ONLY),
+                                           providers=[_CUDA, _CPU])
+            return session.get_providers()[0] == _CUDA
+        except Exception:  # any failure to load or run the provider means: not usable
+            return False
+        finally:
+            ort.set_default_logger_severity(_ERRORS_ONLY)
+
+
+def _identity_model() -> bytes:
+    from onnx import TensorProto, helper
+
+    value = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])
+    result = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "probe", [value],
+                              [result])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)],
+                             ir_version=8).SerializeToString()
+
+
+def onnx_device(requested: str) -> torch.device:
+    """Where the ONNX backend runs: ``auto`` → CUDA when ONNX Runtime can use it, else CPU."""
+    from trainer.train import resolve_device
+
+    if requested == "auto":
+        return torch.device("cuda" if cuda_usable() else "cpu")
+    device = resolve_device(requested)
+    if device.type == "cuda" and not cuda_usable():
+        raise InputError("onnxruntime cannot use CUDA here (onnxruntime-gpu needs the CUDA 12 "
+                         "and cuDNN 9 libraries): use --device cpu or --backend torch")
+    if device.type not in ("cuda", "cpu"):
+        raise InputError(f"the onnx backend runs on cpu or cuda, not {device.type}")
+    return device
+
+
+class OnnxBackend:
+    """Compute Reaction for batches of images with one ONNX checkpoint (docs/ONNX.md).
+
+    Args:
+        file: the checkpoint, read by :func:`store.onnx_files.read_onnx_file`.
+        device: ``cpu`` or a CUDA device (see :func:`onnx_device`); the images and labels
+            passed to :meth:`compute` must be there.
+    """
+
+    name = "onnx"
+
+    def __init__(self, file: OnnxFile, device: torch.device | str = "cpu") -> None:
+        self.file = file
+        self.contract = file.contract
+        self.device = torch.device(device)
+        self.session = _session(file, self.device)
+        self._inputs = {value.name for value in self.session.get_inputs()}
+        self._cam_shape = next((value.shape[1:] for value in self.session.get_outputs()
+                                if value.name == CAM), None)
+
+    def compute(self, images: Tensor, labels: Tensor, keep_maps: bool = False) -> BatchResult:
+        """One run of the graph for the whole batch: logits, Reaction, empty flags[, maps]."""
+        if keep_maps and not self.contract.with_maps:
+            raise InputError(f"{self.file.path.name} was exported without maps: export it "
+                             "again with 'analyzer export-onnx --with-maps'")
+        images = images.detach().to(torch.float32).contiguous()
+        labels = labels.detach().to(torch.int64).contiguous()
+        names = [LOGITS, REACTION, EMPTY, *([CAM] if keep_maps else [])]
+        if self.device.type == "cuda":
+            outputs = self._run_bound(images, labels, names)
+        else:
+            feeds = {IMAGES: images.numpy()}
+            if TARGETS in self._inputs:
+                feeds[TARGETS] = labels.numpy()
+            outputs = [torch.from_numpy(value) for value in self.session.run(names, feeds)]
+        return BatchResult(outputs[0], outputs[1], outputs[2],
+                           outputs[3] if keep_maps else None)
+
+    def _run_bound(self, images: Tensor, labels: Tensor, names: list[str]) -> list[Tensor]:
+        """Run on the GPU with inputs and outputs bound to torch's device memory."""
+        batch, index = images.shape[0], self.device.index or 0
+        shapes = {LOGITS: [batch, self.contract.num_classes], REACTION: [batch],
+                  EMPTY: [batch], CAM: [batch, *(self._cam_shape or [])]}
+        dtypes = {LOGITS: torch.float32, REACTION: torch.float32, EMPTY: torch.bool,
+                  CAM: torch.float32}
+        outputs = [torch.empty(shapes[name], dtype=dtypes[name], device=self.device)
+                   for name in names]
+        binding = self.session.io_binding()
+        bound = [(IMAGES, images)] + ([(TARGETS, labels)] if TARGETS in self._inputs else [])
+        for name, tensor in bound:
+            binding.bind_input(name, "cuda", index, _NUMPY_TYPES[tensor.dtype],
+                               list(tensor.shape), tensor.data_ptr())
+        for name, tensor in zip(names, outputs, strict=True):
+            binding.bind_output(name, "cuda", index, _NUMPY_TYPES[tensor.dtype],
+                                list(tensor.shape), tensor.data_ptr())
+        torch.cuda.current_stream(self.device).synchronize()  # torch's writes are done
+        self.session.run_with_iobinding(binding)
+        binding.synchronize_outputs()  # onnxruntime's writes are done
+        return outputs
+
+
+def _session(file: OnnxFile, device: torch.device):
+    """The file's inference session on ``device``; InputError naming the file if it fails."""
+    ort = _ort()
+    providers: list = [_CPU]
+    if device.type == "cuda":
+        providers = [(_CUDA, {"device_id": device.index or 0,
+                              # one conv algorithm search per session would dominate
+                              "cudnn_conv_algo_search": "HEURISTIC"}), _CPU]
+    source = file.payload if file.payload is not None else str(file.path)
+    try:
+        return ort.InferenceSession(source, sess_options=session_options(),
+                                    providers=providers)
+    except Exception as error:  # onnxruntime raises its own types for bad graphs
+        lines = str(error).strip().splitlines()
+        raise InputError(f"ONNX checkpoint {file.path} cannot be loaded (corrupt, truncated or "
+                         f"unsupported): {lines[0] if lines else type(error).__name__}") from None

@@ -1,0 +1,377 @@
+"""Export CNN checkpoints to ONNX files that compute Reaction themselves (docs/ONNX.md).
+
+The graph is :meth:`TorchBackend.compute` itself: one forward pass, the target scores, the
+gradient of their sum with respect to the layer's activation (``torch.autograd.grad``), the
+Grad-CAM map and the Reaction. ``make_fx`` traces that computation, backward pass included,
+into plain ATen operations with a symbolic batch size, and ``torch.onnx.export(dynamo=True)``
+turns the trace into ONNX with a dynamic batch dimension.
+
+The weights are inputs of the trace and become initializers named after the model's
+``state_dict``, so one trace serves every epoch of a run: writing an epoch's file only fills in
+its weights. The first file written is checked against the PyTorch backend with ONNX Runtime.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import logging
+import sys
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from analyzer.torch_backend import TorchBackend
+from store.errors import InputError
+from store.model_files import (
+    CHECKPOINT_SUFFIXES,
+    CheckpointFile,
+    discover_checkpoints,
+    load_weights_file,
+    strip_common_prefix,
+)
+from store.onnx_files import (
+    CAM,
+    EMPTY,
+    IMAGES,
+    LOGITS,
+    ONNX_FORMAT,
+    ONNX_FORMAT_VERSION,
+    REACTION,
+    TARGETS,
+    OnnxContract,
+    contract_of,
+    onnx_name,
+    read_onnx_contract,
+    write_onnx_file,
+)
+
+OPSET = 18
+_EXAMPLE_BATCH = 2  # traced with a symbolic batch; 0 and 1 would be specialised
+_MAX_BYTES = 2**31 - 2**26  # protobuf's 2 GiB limit, with room for the graph itself
+TORCH_SUFFIXES = tuple(s for s in CHECKPOINT_SUFFIXES if s != ".onnx")
+
+
+@dataclass(frozen=True)
+class ExportSettings:
+    """What the exported graph computes (see ``analyzer reaction --help``)."""
+
+    layer: str
+    score: str = "logit"
+    target: str = "label"
+    with_maps: bool = False
+
+
+class _ReactionGraph(nn.Module):
+    """``forward(images, targets)`` → logits, reaction, empty[, cam], via the torch backend."""
+
+    def __init__(self, backend: TorchBackend, with_maps: bool) -> None:
+        super().__init__()
+        self.model = backend.model
+        self.backend = backend
+        self.with_maps = with_maps
+
+    def forward(self, images: Tensor, targets: Tensor) -> tuple[Tensor, ...]:
+        result = self.backend.compute(images, targets, keep_maps=self.with_maps)
+        outputs = (result.logits, result.reaction, result.empty)
+        return (*outputs, result.cam) if self.with_maps else outputs
+
+
+class ReactionGraphExporter:
+    """Trace a network once; then write the ONNX file of any checkpoint of it in milliseconds.
+
+    Args:
+        model: the network (copied; the original is left alone).
+        settings: layer, score, target, and whether to output the maps.
+        channels, image_size: the input the graph takes, ``[batch, channels, H, W]``.
+        class_names: stored in the files' metadata when known.
+        model_spec: the zoo spec JSON (``trainer models``), stored when the model is a zoo one.
+    """
+
+    def __init__(self, model: nn.Module, settings: ExportSettings, *, channels: int,
+                 image_size: tuple[int, int], class_names: list[str] | None = None,
+                 model_spec: str | None = None) -> None:
+        self.settings = settings
+        self.channels, self.image_size = channels, tuple(image_size)
+        network = copy.deepcopy(model).cpu().float()
+        self.backend = TorchBackend(network, settings.layer, "cpu", settings.score,
+                                    settings.target)
+        self._metadata = _file_metadata(settings, self.channels, self.image_size, class_names,
+                                        model_spec)
+        self._template, self._weight_names = _trace_and_export(
+            _ReactionGraph(self.backend, settings.with_maps), self.channels, self.image_size)
+        self._template.metadata_props.extend(_entries(self._metadata))
+        self.contract: OnnxContract = contract_of(self._template, Path("exported graph"))
+        self._verified = False
+
+    def load_weights(self, state_dict: dict[str, Tensor]) -> None:
+        """Put a checkpoint's weights in (InputError naming the keys that do not fit)."""
+        expected = set(self.backend.model.state_dict())
+        self.backend.load_weights(strip_common_prefix(state_dict, expected))
+
+    def model_bytes(self, *, epoch: int | None = None, source_sha256: str = "",
+                    source_file: str = "") -> bytes:
+        """The ONNX file of the weights loaded last, serialized."""
+        import onnx
+        from onnx import numpy_helper
+
+        model = onnx.ModelProto()
+        model.CopyFrom(self._template)
+        tensors = _named_tensors(self.backend.model)
+        size = sum(tensors[name].numel() * tensors[name].element_size()
+                   for name in self._weight_names)
+        if size > _MAX_BYTES:
+            raise InputError(f"the weights take {size / 2**30:.1f} GiB: single-file ONNX "
+                             "export is limited to 2 GiB")
+        model.graph.initializer.extend(
+            numpy_helper.from_array(tensors[name].detach().cpu().numpy(), name)
+            for name in self._weight_names)
+        per_file = {"epoch": "" if epoch is None else str(epoch),
+                    "source_sha256": source_sha256, "source_file": source_file}
+        model.metadata_props.extend(_entries({k: v for k, v in per_file.items() if v}))
+        payload = model.SerializeToString()
+        if not self._verified:
+            _verify(payload, self.backend, self.channels, self.image_size,
+                    self.contract.num_classes)
+            self._verified = True
+        return payload
+
+
+def _file_metadata(settings: ExportSettings, channels: int, image_size: tuple[int, int],
+                   class_names: list[str] | None, model_spec: str | None) -> dict[str, str]:
+    import json
+
+    metadata = {"format": ONNX_FORMAT, "format_version": ONNX_FORMAT_VERSION,
+                "layer": settings.layer, "score": settings.score, "target": settings.target,
+                "image_size": f"{image_size[0]}x{image_size[1]}", "channels": str(channels)}
+    if class_names is not None:
+        metadata["classes"] = json.dumps(list(class_names))
+    if model_spec is not None:
+        metadata["model"] = model_spec
+    return metadata
+
+
+def _entries(metadata: dict[str, str]) -> list:
+    from onnx import StringStringEntryProto
+
+    return [StringStringEntryProto(key=key, value=value) for key, value in metadata.items()]
+
+
+def _named_tensors(model: nn.Module) -> dict[str, Tensor]:
+    """Every parameter and buffer by qualified name (non-persistent buffers too)."""
+    tensors = dict(model.named_parameters())
+    tensors.update(model.named_buffers())
+    return tensors
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """Silence the exporter's warnings, log lines and prints; errors still propagate."""
+    loggers = [logging.getLogger(name) for name in ("torch.onnx", "torch.export", "onnxscript",
+                                                    "torch._dynamo", "torch.fx")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
+
+
+def _trace_and_export(graph: _ReactionGraph, channels: int,
+                      image_size: tuple[int, int]) -> tuple[object, list[str]]:
+    """The ONNX ModelProto of ``graph`` without weights, and the names of its weights."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    tensors = {name.removeprefix("model."): tensor for name, tensor in
+               _named_tensors(graph).items()}
+    names = list(tensors)
+    generator = torch.Generator().manual_seed(0)
+    images = torch.rand(_EXAMPLE_BATCH, channels, *image_size, generator=generator)
+    targets = torch.zeros(_EXAMPLE_BATCH, dtype=torch.long)
+
+    def reaction_graph(images: Tensor, targets: Tensor, *weights: Tensor) -> tuple[Tensor, ...]:
+        prefixed = {f"model.{name}": weight for name, weight in zip(names, weights, strict=True)}
+        return torch.func.functional_call(graph, prefixed, (images, targets))
+
+    batch = torch.export.Dim("batch", min=1)
+    outputs = [LOGITS, REACTION, EMPTY] + ([CAM] if graph.with_maps else [])
+    try:
+        with _quiet():
+            traced = make_fx(reaction_graph, tracing_mode="symbolic")(images, targets,
+                                                                       *tensors.values())
+            program = torch.onnx.export(
+                traced.eval(), (images, targets, *tensors.values()), dynamo=True,
+                input_names=[IMAGES, TARGETS, *names], output_names=outputs,
+                dynamic_shapes=({0: batch}, {0: batch}, *[None] * len(names)),
+                opset_version=OPSET, optimize=True, verbose=False, report=False)
+    except InputError:
+        raise
+    except Exception as error:  # torch's tracers and exporter raise many types
+        lines = str(error).strip().splitlines()
+        raise InputError(f"cannot export the model to ONNX: {type(error).__name__}: "
+                         f"{lines[0] if lines else ''}") from None
+    return _weights_as_initializers(program.model_proto, names)
+
+
+def _weights_as_initializers(model, names: list[str]) -> tuple[object, list[str]]:
+    """Drop the weight inputs from the graph's inputs; the used ones return as initializers."""
+    used = {name for node in model.graph.node for name in node.input}
+    weights = set(names)
+    kept = [value for value in model.graph.input if value.name not in weights]
+    del model.graph.input[:]
+    model.graph.input.extend(kept)
+    model.producer_name = "reaction"
+    return model, [name for name in names if name in used]
+
+
+def _verify(payload: bytes, backend: TorchBackend, channels: int,
+            image_size: tuple[int, int], num_classes: int) -> None:
+    """Run the exported graph on random images with ONNX Runtime; compare with PyTorch.
+
+    A map entry within float32 rounding of zero may change sign between the two, and with it
+    one image's Reaction; a conversion error shows on most images, so two are let pass.
+    """
+    from analyzer.onnx_backend import cpu_session
+
+    generator = torch.Generator().manual_seed(1)
+    batch = 8
+    images = torch.rand(batch, channels, *image_size, generator=generator)
+    targets = torch.randint(num_classes, (batch,), generator=generator)
+    expected = backend.compute(images, targets)
+    try:
+        logits, reaction = cpu_session(payload).run(
+            [LOGITS, REACTION], {IMAGES: images.numpy(), TARGETS: targets.numpy()})
+    except Exception as error:  # onnxruntime raises its own types
+        lines = str(error).strip().splitlines()
+        raise InputError("the exported ONNX graph does not run in onnxruntime: "
+                         f"{lines[0] if lines else type(error).__name__}") from None
+    for name, got, want, allowed in (("logits", logits, expected.logits.numpy(), 0),
+                                     ("reaction", reaction, expected.reaction.numpy(), 2)):
+        scale = float(np.abs(want).max()) or 1.0
+        close = np.isclose(got, want, rtol=1e-3, atol=1e-4 * scale)
+        if (~close).reshape(batch, -1).any(axis=1).sum() > allowed:
+            error = float(np.abs(got - want).max())
+            raise InputError(f"the exported ONNX graph does not reproduce the PyTorch backend "
+                             f"({name} differs by up to {error:.3g}): please report this model")
+
+
+# ---- `analyzer export-onnx` ------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ExportOptions:
+    """The options of `analyzer export-onnx` (see its ``--help``)."""
+
+    ckpt_dir: Path
+    out: Path
+    run: Path | None = None
+    model: str | None = None
+    layer: str | None = None
+    image_size: tuple[int, int] | None = None
+    channels: int | None = None
+    epochs: str | None = None
+    score: str = "logit"
+    target: str = "label"
+    with_maps: bool = False
+
+
+@dataclass
+class ExportSummary:
+    """What `analyzer export-onnx` did: the files written and those already up to date."""
+
+    out: Path
+    written: list[Path]
+    skipped: list[Path]
+
+
+def export_checkpoints(options: ExportOptions, progress: bool = True) -> ExportSummary:
+    """Write ``epoch_NNNN.onnx`` for every selected checkpoint into ``options.out``."""
+    from analyzer.inputs import find_run_file, resolve_network
+    from analyzer.reaction import parse_epochs
+    from store.checkpoints import sha256_file
+
+    checkpoints, ignored = discover_checkpoints(options.ckpt_dir, suffixes=TORCH_SUFFIXES)
+    for path in ignored:
+        print(f"note: ignoring {path.name} (not a checkpoint with an epoch number)",
+              file=sys.stderr)
+    if options.epochs:
+        wanted = set(parse_epochs(options.epochs, [c.epoch for c in checkpoints]))
+        checkpoints = [c for c in checkpoints if c.epoch in wanted]
+    network = resolve_network(
+        first_checkpoint=checkpoints[0], run_file=find_run_file(options.ckpt_dir, options.run),
+        model=options.model, layer=options.layer, data={}, image_size=options.image_size,
+        channels=options.channels, require_class_names=False)
+    settings = ExportSettings(network.layer, options.score, options.target, options.with_maps)
+    _make_folder(options.out)
+    summary = ExportSummary(Path(options.out), [], [])
+    exporter = None
+    for checkpoint in tqdm(checkpoints, disable=not progress, unit="ckpt", dynamic_ncols=True):
+        target = Path(options.out) / onnx_name(checkpoint.epoch)
+        sha = sha256_file(checkpoint.path)
+        if _up_to_date(target, settings, network.channels, network.image_size, sha):
+            summary.skipped.append(target)
+            continue
+        weights = load_weights_file(checkpoint.path)
+        if weights.module is not None:  # a self-contained program: its own graph
+            one_off = ReactionGraphExporter(weights.module, settings, channels=network.channels,
+                                            image_size=network.image_size,
+                                            class_names=network.class_names)
+            payload = one_off.model_bytes(epoch=checkpoint.epoch, source_sha256=sha,
+                                          source_file=checkpoint.path.name)
+        else:
+            if network.model is None:
+                raise InputError(f"{checkpoint.path.name} does not say which network it holds: "
+                                 "give --model")
+            exporter = exporter or ReactionGraphExporter(
+                network.model, settings, channels=network.channels,
+                image_size=network.image_size, class_names=network.class_names,
+                model_spec=network.model_spec)
+            payload = checkpoint_bytes(exporter, checkpoint, weights.state_dict, sha)
+        write_onnx_file(target, payload)
+        summary.written.append(target)
+    return summary
+
+
+def checkpoint_bytes(exporter: ReactionGraphExporter, checkpoint: CheckpointFile,
+                     state_dict: dict[str, Tensor], sha256: str) -> bytes:
+    """The ONNX file of one checkpoint's weights; InputError naming the file if they misfit."""
+    try:
+        exporter.load_weights(state_dict)
+    except InputError as error:
+        raise InputError(f"{checkpoint.path.name}: {error}") from None
+    return exporter.model_bytes(epoch=checkpoint.epoch, source_sha256=sha256,
+                                source_file=checkpoint.path.name)
+
+
+def _make_folder(folder: Path) -> None:
+    try:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise InputError(f"cannot create {folder}: {error.strerror or error}") from None
+
+
+def _up_to_date(path: Path, settings: ExportSettings, channels: int,
+                image_size: tuple[int, int], source_sha256: str) -> bool:
+    """True when ``path`` is an intact export of the same checkpoint with the same settings."""
+    if not path.is_file():
+        return False
+    try:
+        contract = read_onnx_contract(path)
+    except InputError:
+        return False  # damaged or foreign: export it again
+    return (contract.layer, contract.score, contract.target, contract.with_maps,
+            contract.channels, contract.image_size,
+            contract.metadata.get("format_version"),
+            contract.metadata.get("source_sha256")) == (
+        settings.layer, settings.score, settings.target, settings.with_maps, channels,
+        tuple(image_size), ONNX_FORMAT_VERSION, source_sha256)

@@ -1,0 +1,118 @@
+"""`analyzer info`: what a run file or a results file holds, as a JSON-ready dict or text."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from store.errors import InputError
+from store.h5io import open_for_reading
+from store.results import SETTINGS
+from store.series import WRITABLE_FORMATS, read_extract
+
+
+def describe_file(path: Path) -> dict:
+    """Format, model, classes, splits, training progress, Reaction groups and /extract rows."""
+    path = Path(path)
+    with open_for_reading(path) as handle:
+        kind = handle.attrs.get("format")
+        if kind not in WRITABLE_FORMATS:
+            raise InputError(f"{path} is not a reaction run or results file")
+        summary = {
+            "path": str(path),
+            "format": str(kind),
+            "format_version": str(handle.attrs.get("format_version", "")),
+            "model": _json_attribute(handle, "model"),
+            "config": _json_attribute(handle, "config"),
+            "classes": _json_attribute(handle, "classes") or [],
+            "splits": {name: {"images": int(group["label"].shape[0]),
+                              "source": str(group.attrs.get("source", ""))}
+                       for name, group in handle.get("splits", {}).items()},
+            "training": _training(handle),
+            "reaction": {name: _reaction(group)
+                         for name, group in handle.get("reaction", {}).items()},
+        }
+        provenance = handle.get("provenance")
+        if provenance is not None:
+            summary["provenance"] = {key: str(value) for key, value in provenance.attrs.items()}
+    summary["extract"] = [asdict(row) for row in read_extract(path)]
+    return summary
+
+
+def _json_attribute(handle: h5py.File, name: str) -> object:
+    text = handle.attrs.get(name)
+    if text is None:
+        return None
+    try:
+        return json.loads(text)
+    except ValueError:
+        return str(text)
+
+
+def _training(handle: h5py.File) -> dict | None:
+    group = handle.get("training")
+    if group is None:
+        return None
+    return {"epochs": int(group["epoch"].shape[0]),
+            "completed_epochs": int(group["completed_epochs"][()])}
+
+
+def _reaction(group: h5py.Group) -> dict:
+    epochs = group["epoch"][()]
+    done = epochs[group["computed"][()].astype(bool)]
+    return {
+        "epochs": int(epochs.size),
+        "computed_epochs": int(done.size),
+        "first_epoch": int(done.min()) if done.size else None,
+        "last_epoch": int(done.max()) if done.size else None,
+        "images": int(group["image"].shape[0]),
+        "settings": {name: str(group.attrs.get(name, "")) for name in SETTINGS},
+        "devices": json.loads(group.attrs.get("devices", "[]")),
+        "empty_maps": int(np.clip(group["empty_maps"][()], 0, None).sum()),
+    }
+
+
+def format_summary(summary: dict) -> str:
+    """The text that `analyzer info` prints."""
+    lines = [f"{summary['path']}: {summary['format']} {summary['format_version']}"]
+    model = summary.get("model")
+    if isinstance(model, dict):
+        size = "x".join(str(s) for s in model.get("image_size", []))
+        lines.append(f"model: {model.get('name')}, input {model.get('in_channels')}x{size}, "
+                     f"{model.get('num_classes')} classes")
+    classes = summary["classes"]
+    lines.append(f"classes ({len(classes)}): {', '.join(map(str, classes))}")
+    if summary["splits"]:
+        lines.append("splits: " + ", ".join(f"{name} {split['images']} images"
+                                            for name, split in summary["splits"].items()))
+    training = summary["training"]
+    if training is not None:
+        finished = summary.get("provenance", {}).get("finished") or "not finished"
+        lines.append(f"training: {training['completed_epochs']} of {training['epochs']} "
+                     f"epochs completed ({finished})")
+    for split, group in summary["reaction"].items():
+        span = "" if group["first_epoch"] is None else \
+            f", epochs {group['first_epoch']}–{group['last_epoch']}"
+        settings = ", ".join(f"{k} {v}" for k, v in group["settings"].items())
+        lines.append(f"reaction/{split}: {group['computed_epochs']} of {group['epochs']} epochs "
+                     f"computed{span}, {group['images']} images, {group['empty_maps']} empty "
+                     f"maps; {settings}, devices {', '.join(group['devices'])}")
+    if not summary["reaction"]:
+        lines.append("reaction: none computed yet")
+    lines.append(f"extract: {len(summary['extract'])} rows" if summary["extract"]
+                 else "extract: none")
+    lines += [_extract_line(row) for row in summary["extract"]]
+    return "\n".join(lines)
+
+
+def _extract_line(row: dict) -> str:
+    threshold = "" if row["threshold"] is None else f" T={row['threshold']:.2f}"
+    window = f" window {row['window']}" if row["window"] else ""
+    epoch = "none" if row["epoch"] is None else str(row["epoch"])
+    accuracy = "" if row["test_accuracy"] is None else \
+        f", test acc {100 * row['test_accuracy']:.2f}%"
+    return f"  {row['series']}: {row['criterion']}{threshold}{window} → epoch {epoch}{accuracy}"
