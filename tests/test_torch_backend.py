@@ -585,3 +585,19 @@ def test_load_weights_names_the_keys_that_do_not_fit(kind: str) -> None:
         assert word in str(raised.value)
     for key, value in backend.model.state_dict().items():
         assert torch.equal(value, before[key]), f"{key} changed by a refused load"
+
+
+def test_cpu_sub_batches_under_the_activation_budget_change_no_value(monkeypatch) -> None:
+    case = CASES["small"]
+    backend = _backend(case)
+    backend.load_weights(make_checkpoint(case.build, case.input_shape, case.classes, 51))
+    images, labels = random_batch(50, case.input_shape, case.classes, 51)
+    whole = backend.compute(images, labels, keep_maps=True)
+    # 16 channels x 6 x 6 float32 = 2304 bytes is the largest activation of one 8x8 image
+    monkeypatch.setattr("analyzer.torch_backend._CPU_ACTIVATION_BUDGET", 2304 * 7)
+    assert backend._sub_batch_size(images) == 7
+    cut = backend.compute(images, labels, keep_maps=True)
+    assert torch.equal(cut.empty, whole.empty)
+    for name in ("logits", "reaction", "cam"):  # kernels block by batch size: float32 rounding
+        torch.testing.assert_close(getattr(cut, name), getattr(whole, name), rtol=1e-5,
+                                   atol=1e-7, msg=name)
