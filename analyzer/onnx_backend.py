@@ -45,13 +45,13 @@ def intra_op_threads() -> int:
     return max(1, min(cores or 1, cap) if cap > 0 else cores or 1)
 
 
-def session_options(log_severity: int = _ERRORS_ONLY):
+def session_options(log_severity: int = _ERRORS_ONLY, threads: int | None = None):
     """Session options tuned for one large graph run many times."""
     ort = _ort()
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    options.intra_op_num_threads = intra_op_threads()
+    options.intra_op_num_threads = threads or intra_op_threads()
     options.inter_op_num_threads = 1
     options.log_severity_level = log_severity
     return options
@@ -122,15 +122,17 @@ class OnnxBackend:
         file: the checkpoint, read by :func:`store.onnx_files.read_onnx_file`.
         device: ``cpu`` or a CUDA device (see :func:`onnx_device`); the images and labels
             passed to :meth:`compute` must be there.
+        threads: intra-op threads; default one per core (:func:`intra_op_threads`).
     """
 
     name = "onnx"
 
-    def __init__(self, file: OnnxFile, device: torch.device | str = "cpu") -> None:
+    def __init__(self, file: OnnxFile, device: torch.device | str = "cpu",
+                 threads: int | None = None) -> None:
         self.file = file
         self.contract = file.contract
         self.device = torch.device(device)
-        self.session = _session(file, self.device)
+        self.session = _session(file, self.device, threads)
         self._inputs = {value.name for value in self.session.get_inputs()}
         self._cam_shape = next((value.shape[1:] for value in self.session.get_outputs()
                                 if value.name == CAM), None)
@@ -176,7 +178,7 @@ class OnnxBackend:
         return outputs
 
 
-def _session(file: OnnxFile, device: torch.device):
+def _session(file: OnnxFile, device: torch.device, threads: int | None = None):
     """The file's inference session on ``device``; InputError naming the file if it fails."""
     ort = _ort()
     providers: list = [_CPU]
@@ -186,7 +188,7 @@ def _session(file: OnnxFile, device: torch.device):
                               "cudnn_conv_algo_search": "HEURISTIC"}), _CPU]
     source = file.payload if file.payload is not None else str(file.path)
     try:
-        return ort.InferenceSession(source, sess_options=session_options(),
+        return ort.InferenceSession(source, sess_options=session_options(threads=threads),
                                     providers=providers)
     except Exception as error:  # onnxruntime raises its own types for bad graphs
         lines = str(error).strip().splitlines()

@@ -1,6 +1,6 @@
 """Export CNN checkpoints to ONNX files that compute Reaction themselves (docs/ONNX.md).
 
-The graph is :meth:`TorchBackend.compute` itself: one forward pass, the target scores, the
+The graph is the torch backend's own computation of a batch: one forward pass, the target scores, the
 gradient of their sum with respect to the layer's activation (``torch.autograd.grad``), the
 Grad-CAM map and the Reaction. ``make_fx`` traces that computation, backward pass included,
 into plain ATen operations with a symbolic batch size, and ``torch.onnx.export(dynamo=True)``
@@ -70,7 +70,12 @@ class ExportSettings:
 
 
 class _ReactionGraph(nn.Module):
-    """``forward(images, targets)`` → logits, reaction, empty[, cam], via the torch backend."""
+    """``forward(images, targets)`` → logits, reaction, empty[, cam], via the torch backend.
+
+    It traces the backend's one-batch computation: ``compute`` itself may cut a CPU batch
+    into sub-batches, a decision on the batch size that a graph with a dynamic batch leaves
+    to the runtime.
+    """
 
     def __init__(self, backend: TorchBackend, with_maps: bool) -> None:
         super().__init__()
@@ -79,7 +84,7 @@ class _ReactionGraph(nn.Module):
         self.with_maps = with_maps
 
     def forward(self, images: Tensor, targets: Tensor) -> tuple[Tensor, ...]:
-        result = self.backend.compute(images, targets, keep_maps=self.with_maps)
+        result = self.backend._compute_batch(images, targets, keep_maps=self.with_maps)
         outputs = (result.logits, result.reaction, result.empty)
         return (*outputs, result.cam) if self.with_maps else outputs
 

@@ -14,6 +14,10 @@ Methods timed:
 4. captum ``LayerGradCam.attribute(..., relu_attributions=True)`` on batches.
 5. torchcam ``GradCAM``: ``model(images)`` then ``extractor(class_idx=..., scores=...)`` on
    batches, with its default per-image normalisation.
+6. onnx (ours): the model exported with its gradient graph (docs/ONNX.md; traced once per
+   model, not timed) run by ``OnnxBackend`` on ONNX Runtime's CPU provider, one session per
+   round with as many threads as torch. After the table: the achieved GFLOP/s (forward conv
+   and linear FLOPs per image × images/s) against a measured float32 ``torch.matmul`` rate.
 
 Values: every method's *raw* map at the layer's resolution is compared with ours
 (``compute(..., keep_maps=True).cam``), and so is the Reaction computed from it (SPEC §2).
@@ -175,6 +179,38 @@ class Ours(Method):
         return self.backend.compute(images, labels, keep_maps=True).cam
 
 
+_EXPORTED: dict = {}  # (id(model), layer) -> OnnxFile: the trace is not what is timed
+
+
+class OnnxOurs(Method):
+    """``analyzer.onnx_backend.OnnxBackend`` on the exported graph (``--backend onnx``)."""
+
+    title = "onnx (ours)"
+
+    def __init__(self, model: nn.Module, layer: str) -> None:
+        from pathlib import Path
+
+        from analyzer.onnx_backend import OnnxBackend
+        from analyzer.onnx_export import ExportSettings, ReactionGraphExporter
+        from store.onnx_files import OnnxFile
+
+        super().__init__(model, layer)
+        key = (id(model), layer)
+        if key not in _EXPORTED:
+            exporter = ReactionGraphExporter(model, ExportSettings(layer, with_maps=True),
+                                             channels=1, image_size=IMAGE_SIZE)
+            exporter.load_weights(model.state_dict())
+            _EXPORTED[key] = OnnxFile(Path("bench.onnx"), exporter.model_bytes(), "",
+                                      exporter.contract)
+        self.backend = OnnxBackend(_EXPORTED[key], "cpu", threads=torch.get_num_threads())
+
+    def run(self, images: Tensor, labels: Tensor) -> None:
+        self.backend.compute(images, labels)
+
+    def raw_map(self, images: Tensor, labels: Tensor) -> Tensor:
+        return self.backend.compute(images, labels, keep_maps=True).cam
+
+
 class PytorchGradCam(Method):
     """pytorch-grad-cam's ``GradCAM``: normalised maps upsampled to the input size."""
 
@@ -258,11 +294,13 @@ METHODS: dict[str, type[Method]] = {
     "nograd": NoGradForward,
     "thesis": ThesisLoop,
     "ours": Ours,
+    "onnx": OnnxOurs,
     "pytorch-grad-cam": PytorchGradCam,
     "captum": CaptumLayerGradCam,
     "torchcam": TorchCam,
 }
-COMPARED = ["thesis", "ours", "pytorch-grad-cam", "captum", "torchcam"]
+COMPARED = ["thesis", "ours", "onnx", "pytorch-grad-cam", "captum", "torchcam"]
+OURS = ("ours", "onnx", "nograd")  # never "the fastest other"
 
 
 # --- settings: a method run at a batch size on a model layout --------------------------------
@@ -480,7 +518,7 @@ def summary(rows: list[Row]) -> str:
     """Per batch size and layout: ours against the fastest other Grad-CAM, and memory."""
     lines = []
     for ours in (row for row in rows if row.setting.method == "ours"):
-        peers = [row for row in rows if row.setting.method not in ("ours", "nograd")
+        peers = [row for row in rows if row.setting.method not in OURS
                  and (row.setting.batch, row.setting.layout)
                  == (ours.setting.batch, ours.setting.layout)]
         where = _where(ours)
@@ -500,7 +538,7 @@ def _best_against_default(rows: list[Row]) -> list[str]:
     """Our fastest setting against the fastest other used as plainly as ours was by default."""
     ours = [row for row in rows if row.setting.method == "ours"]
     default = max(row.setting.batch for row in ours)
-    peers = [row for row in rows if row.setting.method not in ("ours", "nograd")
+    peers = [row for row in rows if row.setting.method not in OURS
              and row.setting.batch == default and row.setting.layout == "plain"]
     if len(ours) < 2 or not peers:
         return []
@@ -514,6 +552,59 @@ def _best_against_default(rows: list[Row]) -> list[str]:
 
 def _where(row: Row) -> str:
     return f"batch {row.setting.batch}, {row.setting.layout}"
+
+
+def forward_gflop(model_name: str) -> float:
+    """GFLOP of one image's forward pass: 2 × multiply-adds of every Conv2d and Linear."""
+    model = random_model(model_name)
+    flops = []
+
+    def count(module: nn.Module, inputs: tuple, output: Tensor) -> None:
+        weight = module.weight
+        per_output = weight[0].numel() if isinstance(module, nn.Conv2d) else weight.shape[1]
+        flops.append(2 * per_output * output[0].numel())
+
+    handles = [m.register_forward_hook(count) for m in model.modules()
+               if isinstance(m, nn.Conv2d | nn.Linear)]
+    with torch.no_grad():
+        model(torch.zeros(1, 1, *IMAGE_SIZE))
+    for handle in handles:
+        handle.remove()
+    return sum(flops) / 1e9
+
+
+def matmul_gflops(size: int = 2048, repeats: int = 5) -> float:
+    """The best float32 ``torch.matmul`` rate of this CPU with the current threads."""
+    left, right = torch.rand(size, size), torch.rand(size, size)
+    torch.matmul(left, right)
+    best = min(timed(lambda: torch.matmul(left, right)) for _ in range(repeats))
+    return 2 * size**3 / best / 1e9
+
+
+def timed(work) -> float:
+    began = time.perf_counter()
+    work()
+    return time.perf_counter() - began
+
+
+def flops_lines(rows: list[Row], model_name: str) -> str:
+    """Achieved GFLOP/s of ours and of the ONNX backend against the measured matmul rate."""
+    per_image, peak = forward_gflop(model_name), matmul_gflops()
+    lines = [f"forward: {per_image:.3f} GFLOP per image; torch.matmul 2048x2048 float32: "
+             f"{peak:.1f} GFLOP/s"]
+    for row in rows:
+        if row.setting.method in ("ours", "onnx", "nograd"):
+            rate = per_image * row.images_per_s
+            lines.append(f"{row.method}: {rate:.1f} GFLOP/s = {rate / peak:.0%} of matmul")
+    onnx = [row for row in rows if row.setting.method == "onnx"]
+    peers = [row for row in rows if row.setting.method not in OURS]
+    if onnx and peers:
+        fastest = max(peers, key=lambda row: row.images_per_s)
+        lines.append(f"onnx (ours) / fastest other ({fastest.method}): "
+                     f"{onnx[0].images_per_s / fastest.images_per_s:.2f}x in images/s, "
+                     f"{onnx[0].images_per_cpu_s / fastest.images_per_cpu_s:.2f}x in "
+                     "images/CPU-s (goal >= 3x)")
+    return "\n".join(lines)
 
 
 def variant_settings(batch: int) -> list[Setting]:
@@ -583,6 +674,8 @@ def main() -> None:
     rows = benchmark(settings, args)
     print(table(rows))
     print(summary(rows))
+    if not args.variants:
+        print(flops_lines(rows, args.model))
     print(load())
     if args.json:
         with open(args.json, "w") as out:

@@ -100,7 +100,7 @@ def format_summary(summary: dict) -> str:
         settings = ", ".join(f"{k} {v}" for k, v in group["settings"].items())
         lines.append(f"reaction/{split}: {group['computed_epochs']} of {group['epochs']} epochs "
                      f"computed{span}, {group['images']} images, {group['empty_maps']} empty "
-                     f"maps; {settings}, devices {', '.join(group['devices'])}")
+                     f"maps over all epochs; {settings}, devices {', '.join(group['devices'])}")
     if not summary["reaction"]:
         lines.append("reaction: none computed yet")
     lines.append(f"extract: {len(summary['extract'])} rows" if summary["extract"]
