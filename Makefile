@@ -1,5 +1,5 @@
 # One-command entry points for a fresh machine with only Python and pip.
-#   make demo   set up .venv, then run the whole pipeline on the embedded digits
+#   make demo   set up .venv, then train, analyse, extract, plot and report on the embedded digits
 #   make test   set up .venv, then run the test suite
 PYTHON ?= python3
 VENV ?= .venv
@@ -21,6 +21,10 @@ $(VENV)/.installed: pyproject.toml
 demo: venv
 	$(BIN)/trainer run --out $(DEMO) --force
 	$(BIN)/analyzer reaction --ckpt-dir $(DEMO)/checkpoints
+	$(BIN)/analyzer extract $(DEMO)/run.h5 --threshold 0.3
+	$(BIN)/analyzer plot $(DEMO)/run.h5 --out $(DEMO)/figures
+	$(BIN)/analyzer report $(DEMO)/run.h5 --out $(DEMO)/report
+	@echo "open $(DEMO)/report/index.html"
 
 test: venv
 	$(BIN)/python -m pytest -q
