@@ -1,10 +1,11 @@
 """Export CNN checkpoints to ONNX files that compute Reaction themselves (docs/ONNX.md).
 
-The graph is the torch backend's own computation of a batch: one forward pass, the target scores, the
-gradient of their sum with respect to the layer's activation (``torch.autograd.grad``), the
-Grad-CAM map and the Reaction. ``make_fx`` traces that computation, backward pass included,
-into plain ATen operations with a symbolic batch size, and ``torch.onnx.export(dynamo=True)``
-turns the trace into ONNX with a dynamic batch dimension.
+The graph is the torch backend's own computation of a batch: one forward pass, the target
+scores, the gradient of their sum with respect to the layer's activation
+(``torch.autograd.grad``), the Grad-CAM map and the Reaction. ``make_fx`` traces that
+computation, backward pass included, into plain ATen operations with a symbolic batch size,
+and ``torch.onnx.export(dynamo=True)`` turns the trace into ONNX with a dynamic batch
+dimension.
 
 The weights are inputs of the trace and become initializers named after the model's
 ``state_dict``, so one trace serves every epoch of a run: writing an epoch's file only fills in
@@ -84,7 +85,7 @@ class _ReactionGraph(nn.Module):
         self.with_maps = with_maps
 
     def forward(self, images: Tensor, targets: Tensor) -> tuple[Tensor, ...]:
-        result = self.backend._compute_batch(images, targets, keep_maps=self.with_maps)
+        result = self.backend.compute_batch(images, targets, keep_maps=self.with_maps)
         outputs = (result.logits, result.reaction, result.empty)
         return (*outputs, result.cam) if self.with_maps else outputs
 

@@ -133,7 +133,7 @@ class TorchBackend:
         every image's result depends on that image alone, so the cut changes no value.
         """
         size = self._sub_batch_size(images)
-        parts = [self._compute_batch(part_images, part_labels, keep_maps)
+        parts = [self.compute_batch(part_images, part_labels, keep_maps)
                  for part_images, part_labels in zip(images.split(size), labels.split(size),
                                                      strict=True)]
         if len(parts) == 1:
@@ -151,8 +151,11 @@ class TorchBackend:
             self._bytes_per_image[shape] = _largest_activation_bytes(self.model, images[:1])
         return max(1, min(len(images), _CPU_ACTIVATION_BUDGET // self._bytes_per_image[shape]))
 
-    def _compute_batch(self, images: Tensor, labels: Tensor, keep_maps: bool) -> BatchResult:
-        """One forward and one ``autograd.grad`` for the whole batch."""
+    def compute_batch(self, images: Tensor, labels: Tensor, keep_maps: bool = False) -> BatchResult:
+        """One forward and one ``autograd.grad`` for the whole batch, uncut.
+
+        This is the computation the ONNX export traces (:mod:`analyzer.onnx_export`).
+        """
         capture = _ActivationCapture(self.layer)
         handle = self.module.register_forward_hook(capture)
         try:
