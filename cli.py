@@ -118,6 +118,28 @@ def analyzer() -> None:
     """Analyse saved checkpoints post hoc: Reaction values, epochs, figures."""
 
 
+def _model_options(layer_help: str = "Grad-CAM layer (qualified module name). "
+                                     "Default: the model's own.") -> Callable:
+    """The options that say which network the checkpoints hold (reaction, export-onnx, cam)."""
+    options = [
+        click.option("--run", type=click.Path(dir_okay=False, path_type=Path), default=None,
+                     help="The run file. Default: run.h5 in the checkpoint folder's parent."),
+        click.option("--model", default=None,
+                     help="Zoo name, module:callable or path/to/file.py:callable returning "
+                          "an nn.Module. Default: the run file's model."),
+        click.option("--layer", default=None, help=layer_help),
+        click.option("--image-size", default=None, metavar="HxW", help="Model input size."),
+        click.option("--channels", default=None, type=click.IntRange(1, 3), help="1 or 3."),
+    ]
+
+    def apply(command: Callable) -> Callable:
+        for option in reversed(options):
+            command = option(command)
+        return command
+
+    return apply
+
+
 def _split_list(text: str | None) -> list[str] | None:
     return None if text is None else [s.strip() for s in text.split(",") if s.strip()]
 
@@ -125,20 +147,12 @@ def _split_list(text: str | None) -> list[str] | None:
 @analyzer.command("reaction")
 @click.option("--ckpt-dir", type=click.Path(path_type=Path), required=True,
               help="Folder of checkpoints, one file per epoch (epoch number in the name).")
-@click.option("--run", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="The run file. Default: run.h5 in the checkpoint folder's parent.")
+@_model_options()
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Results file. Default: the run file itself.")
-@click.option("--model", default=None,
-              help="Zoo name, module:callable or path/to/file.py:callable returning an "
-                   "nn.Module. Default: the run file's model.")
-@click.option("--layer", default=None,
-              help="Grad-CAM layer (qualified module name). Default: the model's own.")
 @click.option("--data", "data", multiple=True, metavar="SPLIT=FOLDER",
               help="Images of a split, one sub-folder per class (repeatable). "
                    "Default: the run file's splits.")
-@click.option("--image-size", default=None, metavar="HxW", help="Model input size.")
-@click.option("--channels", default=None, type=click.IntRange(1, 3), help="1 or 3.")
 @click.option("--splits", default=None, help="Comma-separated splits. Default: all.")
 @click.option("--epochs", default=None, metavar="SEL",
               help="Epochs to analyse: 1:1000:10, 5, 1,10,100. Default: every checkpoint.")
@@ -191,15 +205,7 @@ def analyzer_reaction(ckpt_dir: Path, run: Path | None, out: Path | None, model:
               help="Folder of PyTorch checkpoints, one file per epoch.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
               help="Folder for epoch_NNNN.onnx (created).")
-@click.option("--run", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="The run file. Default: run.h5 in the checkpoint folder's parent.")
-@click.option("--model", default=None,
-              help="Zoo name, module:callable or path/to/file.py:callable returning an "
-                   "nn.Module. Default: the run file's model.")
-@click.option("--layer", default=None,
-              help="Grad-CAM layer (qualified module name). Default: the model's own.")
-@click.option("--image-size", default=None, metavar="HxW", help="Model input size.")
-@click.option("--channels", default=None, type=click.IntRange(1, 3), help="1 or 3.")
+@_model_options()
 @click.option("--epochs", default=None, metavar="SEL",
               help="Epochs to export: 1:1000:10, 5, 1,10,100. Default: every checkpoint.")
 @click.option("--score", type=click.Choice(["logit", "softmax"]), default="logit",
@@ -292,16 +298,10 @@ def analyzer_plot(run_files: tuple[Path, ...], out: Path, smooth: int, image_for
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True,
               help="Image file (.png, .pdf or .svg).")
 @click.option("--split", default="train", show_default=True)
-@click.option("--run", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="The run file. Default: run.h5 in the checkpoint folder's parent.")
-@click.option("--model", default=None,
-              help="Zoo name, module:callable or file.py:callable. Default: the run's model.")
-@click.option("--layer", default=None,
-              help="Grad-CAM layer. Default: the stored results' layer, else the model's.")
+@_model_options(layer_help="Grad-CAM layer. Default: the stored results' layer, "
+                                   "else the model's.")
 @click.option("--data", "data", multiple=True, metavar="SPLIT=FOLDER",
               help="Images of a split, one sub-folder per class. Default: the run's splits.")
-@click.option("--image-size", default=None, metavar="HxW", help="Model input size.")
-@click.option("--channels", default=None, type=click.IntRange(1, 3), help="1 or 3.")
 @click.option("--scale", type=click.Choice(["cell", "shared"]), default="cell",
               show_default=True,
               help="Colour scale: each map to its own maximum, or one for the grid.")

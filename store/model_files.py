@@ -8,8 +8,8 @@ programs (``.pt2``). None of them is allowed to run code while it is read:
 - TorchScript archives load with ``torch.jit.load``, whose unpickler builds TorchScript
   classes only, and give their ``state_dict()``;
 - ``.pt2`` archives are inspected before ``torch.export.load``, which would otherwise unpickle
-  with ``weights_only=False`` (pickled weights and constants, sample inputs it cannot load
-  safely, opaque objects) and load AOTInductor shared libraries.
+  without the weights-only restriction (pickled weights and constants, sample inputs it
+  cannot load safely, opaque objects) and load AOTInductor shared libraries.
 """
 
 from __future__ import annotations
@@ -280,7 +280,7 @@ def _pt2_danger(archive: zipfile.ZipFile, entries: dict[str, str]) -> str | None
                    for payload in payloads if inner.endswith("_constants_config.json")):
                 return "custom or opaque objects (pickled)"
         if inner.startswith(pt2.SAMPLE_INPUTS_DIR) and not _loads_weights_only(archive.read(name)):
-            # torch retries refused sample inputs with weights_only=False
+            # torch retries refused sample inputs as unrestricted pickles
             return "sample inputs that weights_only loading refuses"
     return None
 

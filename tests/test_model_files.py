@@ -298,7 +298,7 @@ def archive_entry(path: Path, ending: str) -> bytes:
 ])
 def test_exported_program_that_would_unpickle_code_is_refused_unexecuted(
         exported_file, tmp_path, tampering, complaint):
-    """torch.export.load itself would run both payloads (weights_only=False inside torch)."""
+    """torch.export.load itself would run both payloads (it unpickles them unrestricted)."""
     if tampering == "sample inputs":
         replace = {"data/sample_inputs/model.pt": pickled_payload(((RecordsWhenUnpickled(),), {}))}
     else:
