@@ -317,7 +317,8 @@ def _initial_backend(inputs: AnalysisInputs, options: ReactionOptions,
                      device: torch.device) -> TorchBackend | None:
     if inputs.model is None or options.backend == "onnx":
         return None
-    return TorchBackend(inputs.model, inputs.layer, device, options.score, options.target)
+    return TorchBackend(inputs.model, inputs.layer, device, options.score, options.target,
+                        channels_last=inputs.model_spec is not None)  # zoo models only
 
 
 def _prefetched(pending: list[tuple[CheckpointFile, list[SplitData]]],

@@ -170,7 +170,8 @@ class Ours(Method):
 
     def __init__(self, model: nn.Module, layer: str) -> None:
         super().__init__(model, layer)
-        self.backend = TorchBackend(model, layer, "cpu")
+        # as `analyzer reaction` runs zoo models; on its own copy, so peers keep their layout
+        self.backend = TorchBackend(copy.deepcopy(model), layer, "cpu", channels_last=True)
 
     def run(self, images: Tensor, labels: Tensor) -> None:
         self.backend.compute(images, labels)

@@ -601,3 +601,19 @@ def test_cpu_sub_batches_under_the_activation_budget_change_no_value(monkeypatch
     for name in ("logits", "reaction", "cam"):  # kernels block by batch size: float32 rounding
         torch.testing.assert_close(getattr(cut, name), getattr(whole, name), rtol=1e-5,
                                    atol=1e-7, msg=name)
+
+
+@pytest.mark.parametrize("case_name", ["small", "model1-36x60"])
+def test_channels_last_on_cpu_gives_the_default_layouts_results(case_name: str) -> None:
+    case = CASES[case_name]
+    weights = make_checkpoint(case.build, case.input_shape, case.classes, 61)
+    images, labels = random_batch(60, case.input_shape, case.classes, 61)
+    default = _backend(case)
+    default.load_weights(weights)
+    fast = TorchBackend(case.build(), case.layer, "cpu", channels_last=True)
+    fast.load_weights(weights)
+    assert fast.channels_last
+    expected, got = default.compute(images, labels), fast.compute(images, labels)
+    assert torch.equal(got.empty, expected.empty)
+    torch.testing.assert_close(got.reaction, expected.reaction, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(got.logits, expected.logits, rtol=1e-5, atol=1e-6)
