@@ -20,7 +20,7 @@ from types import ModuleType
 
 from torch import nn
 
-from store.errors import InputError
+from store.errors import InputError, first_line
 from trainer.models import ModelSpec, build_model, gradcam_layer, model_names
 
 
@@ -60,7 +60,7 @@ def _import_module(name: str) -> ModuleType:
     try:
         return importlib.import_module(name)
     except ImportError as error:
-        raise InputError(f"cannot import module {name!r}: {_first_line(error)}") from None
+        raise InputError(f"cannot import module {name!r}: {first_line(error)}") from None
     except Exception as error:  # the user's module raised while it ran
         raise InputError(f"importing module {name!r} failed: {_describe(error)}") from None
 
@@ -117,10 +117,5 @@ def _call_factory(factory: Callable, spec: str, arguments: dict[str, object]) ->
     return model
 
 
-def _first_line(error: BaseException) -> str:
-    lines = str(error).strip().splitlines()
-    return lines[0].strip() if lines else type(error).__name__
-
-
 def _describe(error: BaseException) -> str:
-    return f"{type(error).__name__}: {_first_line(error)}"
+    return f"{type(error).__name__}: {first_line(error)}"

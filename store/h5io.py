@@ -31,7 +31,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from store.errors import InputError
+from store.errors import InputError, first_line
 
 STRING_DTYPE = h5py.string_dtype("utf-8")
 
@@ -86,11 +86,7 @@ def open_for_reading(path: Path) -> h5py.File:
         return h5py.File(path, "r", locking=False)
     except OSError as error:
         raise InputError(f"{path} is not a readable HDF5 file (truncated or corrupt?): "
-                         f"{_first_line(error)}") from None
-
-
-def _first_line(error: BaseException) -> str:
-    return str(error).splitlines()[0] if str(error) else type(error).__name__
+                         f"{first_line(error)}") from None
 
 
 @contextlib.contextmanager
@@ -105,7 +101,7 @@ def update_in_place(path: Path) -> Iterator[h5py.File]:
         try:
             handle = h5py.File(path, "r+", locking=False)
         except OSError as error:
-            raise InputError(f"cannot open {path} for writing: {_first_line(error)}") from None
+            raise InputError(f"cannot open {path} for writing: {first_line(error)}") from None
         with handle:
             yield handle
             handle.flush()

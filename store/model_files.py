@@ -26,7 +26,7 @@ from pathlib import Path, PurePosixPath
 import torch
 
 from store.checkpoints import load_checkpoint
-from store.errors import InputError
+from store.errors import InputError, first_line
 
 CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".ckpt", ".pt2", ".onnx")
 _PICKLE_SUFFIXES = (".pt", ".pth", ".ckpt")
@@ -146,13 +146,8 @@ def strip_common_prefix(state_dict: dict[str, torch.Tensor],
     return candidate
 
 
-def _first_line(error: BaseException) -> str:
-    lines = str(error).strip().splitlines()
-    return lines[0].strip() if lines else type(error).__name__
-
-
 def _corrupt(path: Path, error: BaseException) -> InputError:
-    return InputError(f"checkpoint {path} is corrupt or truncated: {_first_line(error)}")
+    return InputError(f"checkpoint {path} is corrupt or truncated: {first_line(error)}")
 
 
 def _load_pickle(path: Path) -> object:
@@ -178,7 +173,7 @@ def _refusal_reason(error: BaseException) -> str:
     if refused:
         return f"unsupported {refused[1]}"
     complaint = text.partition("WeightsUnpickler error:")[2].strip().splitlines()
-    return complaint[0].strip() if complaint else _first_line(error)
+    return complaint[0].strip() if complaint else first_line(error)
 
 
 def _weights_in(loaded: object, path: Path) -> dict[str, torch.Tensor]:
@@ -243,7 +238,7 @@ def _load_exported_program(path: Path) -> torch.nn.Module:
             program = torch.export.load(path)
             return torch.export.unflatten(program)
     except Exception as error:  # torch.export raises many types for files it cannot read
-        raise InputError(f"cannot load exported program {path}: {_first_line(error)}") from None
+        raise InputError(f"cannot load exported program {path}: {first_line(error)}") from None
 
 
 def _refuse_unsafe_pt2(path: Path) -> None:

@@ -7,7 +7,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -26,6 +28,26 @@ def run_cli(name: str, *args: str, cwd: Path | None = None,
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     return subprocess.run([*script(name), *args], capture_output=True, text=True,
                           cwd=cwd or ROOT, env=env, timeout=timeout, check=False)
+
+
+def tree(folder: Path) -> dict[str, bytes]:
+    """Every file under ``folder`` with its bytes (to prove that nothing changed).
+
+    Writer-lock side files are left out: they are empty and only exist to be locked.
+    """
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file() and not p.name.endswith(".lock")}
+
+
+def write_rgb_classes(root: Path, classes: tuple[str, ...], count: int) -> Path:
+    """A folder of random 10x14 RGB PNGs, ``count`` per class sub-folder (seeded)."""
+    rng = np.random.default_rng(0)
+    for name in classes:
+        (root / name).mkdir(parents=True)
+        for index in range(count):
+            pixels = rng.integers(0, 255, (10, 14, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(root / name / f"{index}.png")
+    return root
 
 
 @pytest.fixture

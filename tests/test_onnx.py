@@ -33,7 +33,7 @@ from store.errors import InputError
 from store.model_files import CheckpointFile, discover_checkpoints
 from store.onnx_files import read_onnx_file
 from store.runfile import read_run_info
-from tests.conftest import run_cli
+from tests.conftest import run_cli, write_rgb_classes
 from tests.test_reaction_cli import FOREIGN_MODULE
 from trainer.models import ModelSpec, build_model, gradcam_layer
 
@@ -148,13 +148,7 @@ def test_trainer_onnx_files_give_the_torch_backends_results_over_the_whole_run(o
 @pytest.mark.slow
 def test_a_foreign_residual_cnn_exported_from_module_callable_matches_torch(tmp_path):
     (tmp_path / "mynets.py").write_text(FOREIGN_MODULE)
-    data = tmp_path / "images"
-    rng = np.random.default_rng(0)
-    for name in ("arabic", "greek", "thai"):
-        (data / name).mkdir(parents=True)
-        for index in range(20):
-            pixels = rng.integers(0, 255, (10, 14, 3), dtype=np.uint8)
-            Image.fromarray(pixels).save(data / name / f"{index}.png")
+    data = write_rgb_classes(tmp_path / "images", ("arabic", "greek", "thai"), 20)
     import importlib.util
     spec = importlib.util.spec_from_file_location("mynets_onnx_copy", tmp_path / "mynets.py")
     module = importlib.util.module_from_spec(spec)

@@ -17,13 +17,8 @@ from PIL import Image
 from store.checkpoints import load_checkpoint
 from store.datasets import open_source
 from store.runfile import read_run_info
-from tests.conftest import ROOT, script
+from tests.conftest import ROOT, script, write_rgb_classes
 from trainer.models import ModelSpec, build_model, gradcam_layer
-
-
-def tree(folder: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
-            if p.is_file() and not p.name.endswith(".lock")}
 
 
 @pytest.fixture(scope="module")
@@ -256,13 +251,7 @@ def test_foreign_lightning_checkpoints_with_a_residual_model_and_image_folders(t
     spec = importlib.util.spec_from_file_location("mynets_test_copy", tmp_path / "mynets.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    data = tmp_path / "images"
-    rng = np.random.default_rng(0)
-    for name in ("arabic", "greek", "thai"):
-        (data / name).mkdir(parents=True)
-        for index in range(5):
-            pixels = rng.integers(0, 255, (10, 14, 3), dtype=np.uint8)
-            Image.fromarray(pixels).save(data / name / f"{index}.png")
+    data = write_rgb_classes(tmp_path / "images", ("arabic", "greek", "thai"), 5)
     checkpoints = tmp_path / "ckpts"
     checkpoints.mkdir()
     models = {}

@@ -16,17 +16,11 @@ from PIL import Image
 
 from store.checkpoints import load_checkpoint, sha256_file
 from store.runfile import read_run_info, read_training_curves
-from tests.conftest import ROOT, script
+from tests.conftest import ROOT, script, tree
 from trainer.models import ModelSpec, build_model
 
 CURVES = ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "val_class_loss",
           "val_class_accuracy")
-
-
-def tree(folder: Path) -> dict[str, bytes]:
-    """Every file under ``folder`` with its bytes (to prove that nothing changed)."""
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
-            if p.is_file()}
 
 
 def test_a_short_run_writes_every_epoch_checkpoint_and_curve(tmp_path, cli):
