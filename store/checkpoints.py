@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
-import tempfile
 from pathlib import Path
 
 import torch
@@ -21,6 +19,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load, save
 
 from store.errors import InputError
+from store.files import write_atomically
 
 CHECKPOINT_FORMAT = "reaction-checkpoint"
 RESUME_FORMAT = "reaction-resume"
@@ -32,19 +31,6 @@ _MODEL_PREFIX = "model."
 def checkpoint_name(epoch: int) -> str:
     """File name of an epoch's checkpoint, e.g. ``epoch_0001.safetensors``."""
     return f"epoch_{epoch:04d}.safetensors"
-
-
-def write_atomically(path: Path, payload: bytes) -> None:
-    """Write ``payload`` to ``path`` via a temporary file in the same folder and a rename."""
-    path = Path(path)
-    descriptor, temporary = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp",
-                                             dir=path.parent)
-    try:
-        with os.fdopen(descriptor, "wb") as handle:
-            handle.write(payload)
-        os.replace(temporary, path)
-    finally:
-        Path(temporary).unlink(missing_ok=True)
 
 
 def remove_stale_temporaries(folder: Path) -> None:

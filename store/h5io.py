@@ -23,7 +23,6 @@ import fcntl
 import os
 import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -32,6 +31,7 @@ import h5py
 import numpy as np
 
 from store.errors import InputError, first_line
+from store.files import temporary_beside
 
 STRING_DTYPE = h5py.string_dtype("utf-8")
 
@@ -121,10 +121,7 @@ def replace_atomically(path: Path, locked: bool = True) -> Iterator[h5py.File]:
     path = Path(path)
     lock = writer_lock(path) if locked else contextlib.nullcontext()
     with lock:
-        descriptor, temporary = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp",
-                                                 dir=path.parent)
-        os.close(descriptor)
-        temporary_path = Path(temporary)
+        temporary_path = temporary_beside(path)
         try:
             if path.exists():
                 shutil.copyfile(path, temporary_path)

@@ -15,8 +15,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path, PurePath
 
-from store.checkpoints import write_atomically
 from store.errors import InputError
+from store.files import write_atomically
 
 ONNX_FORMAT = "reaction-onnx"
 ONNX_FORMAT_VERSION = "1.0"

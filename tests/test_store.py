@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -260,3 +261,22 @@ def test_equal_weights_give_byte_identical_checkpoints_across_processes(tmp_path
     assert len(digests) == 1
     tensors, metadata = load_checkpoint(tmp_path / "0.safetensors")
     assert tensors["w"].tolist() == [0, 1, 2, 3, 4, 5] and metadata["z"] == "é"
+
+
+@pytest.fixture
+def group_umask():
+    previous = os.umask(0o027)
+    yield 0o640
+    os.umask(previous)
+
+
+def test_atomic_writes_give_files_the_umask_permissions_not_mkstemps_0600(tmp_path,
+                                                                          group_umask):
+    checkpoint = tmp_path / "epoch_0001.safetensors"
+    save_checkpoint(checkpoint, {"w": torch.ones(2)}, {"epoch": "1"})
+    with replace_atomically(tmp_path / "run.h5") as handle:
+        handle.attrs["x"] = 1
+    for written in (checkpoint, tmp_path / "run.h5"):
+        assert written.stat().st_mode & 0o777 == group_umask, written
+    assert sorted(path.name for path in tmp_path.iterdir()) == [
+        "epoch_0001.safetensors", "run.h5", "run.h5.lock"]  # no temporary left behind

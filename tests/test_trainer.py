@@ -145,9 +145,11 @@ def test_models_lists_the_zoo_with_parameter_counts(cli):
                      "model6"]
 
 
-def start_training(out: Path, epochs: int, resume: bool = False) -> subprocess.Popen:
-    args = [*script("trainer"), "run", "--out", str(out), "--epochs", str(epochs), "-q"]
-    if resume:
+def start_training(out: Path, epochs: int, resume: bool = False,
+                   onnx: bool = False) -> subprocess.Popen:
+    args = [*script("trainer"), "run", "--out", str(out), "--epochs", str(epochs), "-q",
+            *(["--onnx"] if onnx else [])]
+    if resume:  # the run's own config, --onnx included, comes from the run file
         args = [*script("trainer"), "run", "--out", str(out), "--resume", "-q"]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     return subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -162,38 +164,49 @@ def wait_for_checkpoint(out: Path, epoch: int, process: subprocess.Popen) -> boo
     return True
 
 
-def assert_complete_epochs_are_whole(run_file: Path) -> int:
+def assert_complete_epochs_are_whole(run_file: Path, onnx: bool = False) -> int:
     with h5py.File(run_file, "r", locking=False) as handle:
         completed = int(handle["training/completed_epochs"][()])
         for name in CURVES:
             assert np.isfinite(handle["training"][name][:completed]).all(), name
         files = handle["training/checkpoint_file"][:completed]
     for file_name in files:
-        assert (run_file.parent / "checkpoints" / file_name.decode()).exists()
+        checkpoint = run_file.parent / "checkpoints" / file_name.decode()
+        assert checkpoint.exists()
+        assert checkpoint.with_suffix(".onnx").exists() == onnx
     return completed
 
 
 @pytest.mark.slow
-def test_kill_nine_then_resume_equals_an_uninterrupted_run(tmp_path):
+@pytest.mark.parametrize("onnx", [False, True], ids=["checkpoints", "checkpoints+onnx"])
+def test_kill_nine_then_resume_equals_an_uninterrupted_run(tmp_path, onnx):
     epochs = 12
     reference = tmp_path / "reference"
-    finished = start_training(reference, epochs)
+    finished = start_training(reference, epochs, onnx=onnx)
     assert finished.wait(300) == 0, finished.stderr.read()
 
     killed = tmp_path / "killed"
-    process = start_training(killed, epochs)
+    process = start_training(killed, epochs, onnx=onnx)
     rng = random.Random(1)
-    kills = 0
-    for kill_after in (2, 5, 8):
+    kills = checkpoints_without_onnx = 0
+    # Epoch 3 is the first epoch of the first resumed process: with --onnx, that process
+    # traces the Grad-CAM graph (seconds) after writing the checkpoint, so the kill lands
+    # between a checkpoint and its ONNX file.
+    for kill_after in (2, 3, 6):
         if wait_for_checkpoint(killed, kill_after, process):
             time.sleep(rng.uniform(0, 0.05))  # somewhere inside the next epoch or its commit
             process.send_signal(signal.SIGKILL)
             process.wait()
             kills += 1
-        assert assert_complete_epochs_are_whole(killed / "run.h5") >= 1
+            checkpoints_without_onnx += any(
+                not path.with_suffix(".onnx").exists()
+                for path in (killed / "checkpoints").glob("*.safetensors"))
+        assert assert_complete_epochs_are_whole(killed / "run.h5", onnx) >= 1
         process = start_training(killed, epochs, resume=True)
     assert process.wait(300) == 0, process.stderr.read()
     assert kills >= 2
+    if onnx:
+        assert checkpoints_without_onnx >= 1
 
     reference_curves = read_training_curves(reference / "run.h5")
     resumed_curves = read_training_curves(killed / "run.h5")
