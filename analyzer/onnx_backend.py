@@ -100,6 +100,17 @@ def _identity_model() -> bytes:
                              ir_version=8).SerializeToString()
 
 
+def _cuda_requirement() -> str:
+    """What ONNX Runtime's CUDA provider needs, from the build of the installed package."""
+    from onnxruntime.capi import build_and_package_info as build
+
+    cuda = getattr(build, "cuda_version", "")
+    if not cuda:
+        return f"the installed {build.package_name} has no CUDA provider; install onnxruntime-gpu"
+    return (f"{build.package_name} {build.__version__} needs a GPU that torch sees and the "
+            f"CUDA {cuda.split('.')[0]} and cuDNN 9 libraries, e.g. from torch's CUDA wheels")
+
+
 def onnx_device(requested: str) -> torch.device:
     """Where the ONNX backend runs: ``auto`` → CUDA when ONNX Runtime can use it, else CPU."""
     from trainer.train import resolve_device
@@ -108,8 +119,8 @@ def onnx_device(requested: str) -> torch.device:
         return torch.device("cuda" if cuda_usable() else "cpu")
     device = resolve_device(requested)
     if device.type == "cuda" and not cuda_usable():
-        raise InputError("onnxruntime cannot use CUDA here (onnxruntime-gpu needs the CUDA 12 "
-                         "and cuDNN 9 libraries): use --device cpu or --backend torch")
+        raise InputError(f"onnxruntime cannot use CUDA here ({_cuda_requirement()}): use "
+                         "--device cpu or --backend torch")
     if device.type not in ("cuda", "cpu"):
         raise InputError(f"the onnx backend runs on cpu or cuda, not {device.type}")
     return device
