@@ -1,0 +1,227 @@
+"""Check and time the GPU paths: torch on CUDA, ONNX Runtime's CUDA provider with I/O binding.
+
+CI has no GPU, so this script is the check of the code that only runs on one. It does, in
+one process, on whatever device is there:
+
+1. end to end through the real console scripts: ``trainer run --onnx`` (3 epochs of digits,
+   model ``small``) on the device, then ``analyzer reaction`` four ways: torch on the CPU
+   (the reference), torch on the device, ONNX Runtime on the CPU, ONNX Runtime on the device
+   (I/O binding); each results file is compared with the reference: per-image Reaction within
+   rel. 1e-4, identical empty maps and predictions, accuracy equal, loss within rel. 1e-4;
+2. speed: Model IV with random weights (as ``bench/reaction.py``), 1024 images of 1×50×200,
+   ``TorchBackend`` and ``OnnxBackend`` on the device, images/s and agreement.
+
+Exit status 0 when every comparison holds, 1 when one does not, 3 when ``--require-cuda`` is
+given and CUDA is not usable (so that a silent CPU fallback cannot pass for a GPU check).
+
+    python bench/gpu.py --require-cuda            # on a GPU machine
+    python bench/gpu.py                           # anywhere: the CPU rows only
+
+On a machine where the package is not installed, run it from the repository root: the console
+scripts are then started as ``python -c "import cli; cli.trainer()"``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
+
+from reaction import IMAGE_SIZE, random_model  # noqa: E402
+
+from analyzer.onnx_backend import OnnxBackend, cuda_usable  # noqa: E402
+from analyzer.onnx_export import ExportSettings, ReactionGraphExporter  # noqa: E402
+from analyzer.torch_backend import TorchBackend  # noqa: E402
+from store.onnx_files import OnnxFile  # noqa: E402
+from tests.test_onnx import (  # noqa: E402
+    NEAR_ZERO,
+    REL_TOL,
+    checkpoint_model,
+    digits_split,
+    map_extent,
+)
+from trainer.models import gradcam_layer  # noqa: E402
+
+
+def console(name: str, *args: str) -> float:
+    """Run console script ``name`` to completion (raising on failure); its wall time in s."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    began = time.perf_counter()
+    result = subprocess.run([sys.executable, "-c", f"import cli; cli.{name}()", *args],
+                            capture_output=True, text=True, env=env, check=False)
+    if result.returncode != 0:
+        raise SystemExit(f"{name} {' '.join(args)} failed:\n{result.stderr}")
+    return time.perf_counter() - began
+
+
+def read_results(path: Path) -> dict[str, dict[str, np.ndarray]]:
+    """The per-split arrays that the comparison needs, from a results file."""
+    names = ("image_reaction", "prediction", "empty_maps", "accuracy", "loss")
+    with h5py.File(path, "r") as handle:
+        return {split: {name: group[name][()] for name in names}
+                for split, group in handle["reaction"].items()}
+
+
+def map_extents(run: Path, epochs: int) -> dict[str, np.ndarray]:
+    """Per split, epoch and image: the map's largest |value| before the ReLU (the floor)."""
+    checkpoints = run / "checkpoints"
+    extents = {}
+    for split in ("train", "val", "test"):
+        images, labels = digits_split(run, split)
+        extents[split] = np.stack([
+            map_extent(checkpoint_model(checkpoints / f"epoch_{epoch:04d}.safetensors"),
+                       gradcam_layer("small"), images, labels)
+            for epoch in range(1, epochs + 1)])
+    return extents
+
+
+def compare(reference: dict, other: dict, extents: dict[str, np.ndarray]) -> list[str]:
+    """What differs beyond the tests' tolerances (``tests/test_onnx.py``); empty: they agree.
+
+    Reaction within rel. 1e-4, or within 1e-6 of the map's largest |value| for a Reaction that
+    is a lone entry within float32 rounding of zero; loss within rel. 1e-4; predictions,
+    accuracies and empty maps identical.
+    """
+    problems = []
+    for split, ours in reference.items():
+        theirs = other[split]
+        for name in ("prediction", "empty_maps", "accuracy"):
+            if not np.array_equal(ours[name], theirs[name]):
+                problems.append(f"{split}/{name} differs")
+        a, b = ours["image_reaction"].astype(np.float64), theirs["image_reaction"]
+        error = np.abs(a - b)
+        allowed = REL_TOL * np.abs(a) + NEAR_ZERO * extents[split]
+        if not (error <= allowed).all():  # NaN (not computed) fails too
+            problems.append(f"{split}/image_reaction: {int((~(error <= allowed)).sum())} "
+                            "images beyond the tolerance")
+        loss_error = np.max(np.abs(ours["loss"] - theirs["loss"]) / np.abs(ours["loss"]))
+        if not loss_error <= REL_TOL:
+            problems.append(f"{split}/loss: max rel. error {loss_error:.1e} > {REL_TOL}")
+    return problems
+
+
+def end_to_end(work: Path, device: str, onnx_on_device: bool) -> list[str]:
+    """Train on ``device``, analyse four ways, compare with torch on the CPU; the problems."""
+    run = work / "run"
+    seconds = console("trainer", "run", "--out", str(run), "--epochs", "3", "--onnx",
+                      "--device", device, "-q")
+    print(f"trainer run --onnx --device {device}: 3 epochs in {seconds:.1f} s")
+    ways = [("torch", "cpu"), ("torch", device), ("onnx", "cpu")]
+    ways += [("onnx", device)] if onnx_on_device else []
+    files = {}
+    for backend, where in dict.fromkeys(ways):
+        out = work / f"{backend}-{where.replace(':', '')}.h5"
+        seconds = console("analyzer", "reaction", "--ckpt-dir", str(run / "checkpoints"),
+                          "--run", str(run / "run.h5"), "--out", str(out), "--backend",
+                          backend, "--device", where, "-q")
+        files[backend, where] = read_results(out)
+        print(f"analyzer reaction --backend {backend} --device {where}: {seconds:.1f} s")
+    reference, extents = files["torch", "cpu"], map_extents(run, 3)
+    problems = []
+    for (backend, where), results in files.items():
+        if (backend, where) == ("torch", "cpu"):
+            continue
+        found = compare(reference, results, extents)
+        print(f"  {backend} on {where} vs torch on cpu: {'; '.join(found) or 'equal'}")
+        problems += [f"{backend} on {where}: {problem}" for problem in found]
+    return problems
+
+
+def timed(compute, images: torch.Tensor, labels: torch.Tensor, batch: int, device: str,
+          rounds: int = 3) -> tuple[float, torch.Tensor, torch.Tensor]:
+    """Median images/s of ``compute`` over the images in batches; Reaction and empty flags."""
+    def synchronize() -> None:
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+
+    def once() -> tuple[torch.Tensor, torch.Tensor]:
+        results = [compute(images[start:start + batch], labels[start:start + batch])
+                   for start in range(0, len(images), batch)]
+        return (torch.cat([result.reaction for result in results]),
+                torch.cat([result.empty for result in results]))
+
+    once()  # warm-up: kernels, algorithm choice, memory pools
+    rates = []
+    for _ in range(rounds):
+        synchronize()
+        began = time.perf_counter()
+        reaction, empty = once()
+        synchronize()
+        rates.append(len(images) / (time.perf_counter() - began))
+    return statistics.median(rates), reaction.cpu(), empty.cpu()
+
+
+def speed(device: str, onnx_on_device: bool, count: int, batch: int) -> list[str]:
+    """Model IV on ``device``: torch backend vs ONNX Runtime backend; the problems."""
+    model = random_model("model4")
+    layer = gradcam_layer("model4")
+    exporter = ReactionGraphExporter(model, ExportSettings(layer), channels=1,
+                                     image_size=IMAGE_SIZE)
+    exporter.load_weights(model.state_dict())
+    file = OnnxFile(Path("model4.onnx"), exporter.model_bytes(), "", exporter.contract)
+    generator = torch.Generator().manual_seed(1)
+    images = torch.rand(count, 1, *IMAGE_SIZE, generator=generator).to(device)
+    labels = torch.randint(0, 13, (count,), generator=generator).to(device)
+    backend = TorchBackend(model, layer, device, channels_last=True)  # as analyzer does for zoo
+    torch_rate, torch_reaction, torch_empty = timed(backend.compute, images, labels, batch,
+                                                    device)
+    print(f"model4, {count} images, batch {batch}, on {device}:")
+    print(f"  torch backend: {torch_rate:8.1f} images/s")
+    if not onnx_on_device and device != "cpu":
+        return []
+    onnx_rate, onnx_reaction, onnx_empty = timed(OnnxBackend(file, device).compute, images,
+                                                 labels, batch, device)
+    same = bool(torch.equal(torch_empty, onnx_empty))
+    error = ((torch_reaction - onnx_reaction).abs()
+             / torch_reaction.abs().clamp_min(1e-30)).max().item()
+    print(f"  onnx backend:  {onnx_rate:8.1f} images/s = {onnx_rate / torch_rate:.2f}x torch; "
+          f"Reaction max rel. diff {error:.1e}, same empty maps: {same} "
+          f"({int(torch_empty.sum())} of {len(images)})")
+    problems = [] if same else ["model4: not the same empty maps"]
+    return problems + ([f"model4: Reaction differs by {error:.1e}"] if error > REL_TOL
+                       else [])
+
+
+def main() -> int:
+    """Run the checks; print what was checked where; exit status as in the module docstring."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--require-cuda", action="store_true",
+                        help="fail (exit 3) unless torch and ONNX Runtime can both use CUDA")
+    parser.add_argument("--images", type=int, default=1024)
+    parser.add_argument("--batch", type=int, default=256)
+    args = parser.parse_args()
+
+    import onnxruntime
+
+    torch_cuda, onnx_cuda = torch.cuda.is_available(), cuda_usable()
+    device = "cuda" if torch_cuda else "cpu"
+    print(f"torch {torch.__version__}, CUDA usable: {torch_cuda}"
+          + (f" ({torch.cuda.get_device_name()})" if torch_cuda else ""))
+    print(f"onnxruntime {onnxruntime.__version__} {onnxruntime.get_available_providers()}, "
+          f"CUDA provider usable: {onnx_cuda}")
+    if args.require_cuda and not (torch_cuda and onnx_cuda):
+        print("CUDA is not usable by both torch and ONNX Runtime here: nothing checked")
+        return 3
+    with tempfile.TemporaryDirectory() as work:
+        problems = end_to_end(Path(work), device, onnx_cuda)
+    problems += speed(device, onnx_cuda, args.images, args.batch)
+    if not onnx_cuda:
+        print("NOT CHECKED: ONNX Runtime on CUDA (I/O binding)")
+    print("\n".join(["FAILED:", *problems]) if problems else "all comparisons hold")
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
