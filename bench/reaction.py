@@ -605,6 +605,11 @@ def flops_lines(rows: list[Row], model_name: str) -> str:
                      f"{onnx[0].images_per_s / fastest.images_per_s:.2f}x in images/s, "
                      f"{onnx[0].images_per_cpu_s / fastest.images_per_cpu_s:.2f}x in "
                      "images/CPU-s (goal >= 3x)")
+        needed = 3 * fastest.images_per_s
+        lines.append(f"3x {fastest.method} = {needed:.1f} images/s = "
+                     f"{needed * per_image:.1f} GFLOP/s of forward work alone = "
+                     f"{needed * per_image / peak:.0%} of matmul (the FMA peak: "
+                     "bench/fma_peak.c)")
     return "\n".join(lines)
 
 
