@@ -149,9 +149,15 @@ def _fsync(path: Path) -> None:
 
 def add_coordinate(group: h5py.Group, name: str, values: Sequence | np.ndarray,
                    long_name: str, units: str | None = None) -> h5py.Dataset:
-    """Create a 1-D coordinate variable ``name`` and make it a dimension scale of that name."""
+    """Create a 1-D coordinate variable ``name`` and make it a dimension scale of that name.
+
+    A NumPy array keeps its dtype; a list or tuple of strings (an empty one included: a split
+    without images) becomes UTF-8 text.
+    """
     array = np.asarray(values)
-    if array.dtype.kind in "OU":
+    textual = array.dtype.kind in "OU" or (
+        not isinstance(values, np.ndarray) and all(isinstance(v, str) for v in values))
+    if textual:
         dataset = group.create_dataset(name, data=[str(v) for v in values], dtype=STRING_DTYPE)
     else:
         dataset = group.create_dataset(name, data=array)

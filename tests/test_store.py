@@ -67,6 +67,8 @@ def test_new_run_file_has_format_config_splits_and_no_complete_epoch(tmp_path):
     with h5py.File(path, "r") as handle:
         assert handle.attrs["format"] == FORMAT_NAME
         assert np.isnan(handle["training/train_loss"][()]).all()
+        for split in ("train", "val", "test"):  # text, the empty test split's ids too
+            assert h5py.check_string_dtype(handle[f"splits/{split}/image"].dtype), split
 
 
 def test_written_epochs_are_read_back_and_only_completed_rows_are_returned(tmp_path):

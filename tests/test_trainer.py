@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import signal
 import subprocess
 import time
+from datetime import datetime
 from pathlib import Path
 
 import h5py
@@ -15,7 +17,7 @@ import pytest
 from PIL import Image
 
 from store.checkpoints import load_checkpoint, sha256_file
-from store.runfile import read_run_info, read_training_curves
+from store.runfile import read_provenance, read_run_info, read_training_curves
 from tests.conftest import ROOT, script, tree
 from trainer.models import ModelSpec, build_model
 
@@ -42,6 +44,11 @@ def test_a_short_run_writes_every_epoch_checkpoint_and_curve(tmp_path, cli):
         assert sha256_file(out / "checkpoints" / file_name) == digest
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [
         "epoch_0001.safetensors", "epoch_0002.safetensors", "epoch_0003.safetensors"]
+    provenance = read_provenance(out / "run.h5")
+    started, finished = (datetime.fromisoformat(provenance[key]) for key in ("started",
+                                                                             "finished"))
+    assert started.tzinfo is not None and started <= finished  # extended ISO 8601, offset
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d\d:\d\d", provenance["started"])
 
 
 def test_a_checkpoint_rebuilds_its_model_from_its_own_metadata(tmp_path, cli):

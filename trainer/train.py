@@ -15,6 +15,7 @@ import socket
 import sys
 import time
 from dataclasses import asdict, dataclass
+from datetime import datetime
 from importlib import metadata
 from pathlib import Path
 
@@ -215,7 +216,8 @@ def _provenance(config: TrainConfig, command: str) -> dict[str, str]:
 
 
 def _now() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    """Local time in ISO 8601 with its UTC offset, e.g. ``2026-11-27T00:02:57+01:00``."""
+    return datetime.now().astimezone().isoformat(timespec="seconds")
 
 
 def _check_same_splits(plan: SplitPlan, run_path: Path) -> None:
