@@ -80,7 +80,7 @@ def parse_data_options(values: tuple[str, ...]) -> dict[str, Path]:
             raise InputError(f"--data takes SPLIT=FOLDER (e.g. train=siw13/train), got {value!r}")
         if split in folders:
             raise InputError(f"--data gives the {split} split twice")
-        folders[split] = Path(folder)
+        folders[split] = Path(folder).expanduser()  # the shell leaves a ~ after "=" alone
     return folders
 
 

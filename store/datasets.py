@@ -239,7 +239,7 @@ def _open_digits() -> DataSource:
 
 
 def _open_mnist(directory_text: str) -> DataSource:
-    directory = Path(directory_text)
+    directory = Path(directory_text).expanduser()  # the shell leaves "mnist:~/x" alone
     if not directory_text or not directory.is_dir():
         raise InputError(f"MNIST folder {directory_text!r} does not exist or is not a directory "
                          "(use --data mnist:DIR)")

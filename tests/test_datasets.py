@@ -413,3 +413,10 @@ def test_unknown_split_is_rejected(digits):
     plan = plan_splits(digits, 0.1, seed=0)
     with pytest.raises(InputError, match="unknown split 'holdout'"):
         load_split(digits, plan, "holdout", channels=1, size=(8, 8))
+
+
+def test_a_tilde_in_mnist_dir_means_the_home_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    _make_mnist(tmp_path / "data" / "mnist", False, False)
+    source = open_source("mnist:~/data/mnist")
+    assert source.kind == "mnist" and str(tmp_path / "data" / "mnist") in source.description

@@ -282,3 +282,10 @@ def test_foreign_lightning_checkpoints_with_a_residual_model_and_image_folders(t
             expected = reference_reaction(models[epoch], "body.4", images, labels)
             np.testing.assert_allclose(group["image_reaction"][row], expected, rtol=1e-5,
                                        atol=1e-7)
+
+
+def test_a_tilde_in_a_data_folder_means_the_home_folder(tmp_path, monkeypatch):
+    from analyzer.inputs import parse_data_options
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert parse_data_options(("train=~/siw13/train",)) == {"train": tmp_path / "siw13/train"}

@@ -144,8 +144,11 @@ def train(config: TrainConfig, out: Path, *, resume: bool = False, force: bool =
         _restore(session, out, run_path)
     else:
         _start_new_run(config, source, plan, session, out, command)
-    _loop(session, out, run_path, torch_device, progress)
-    update_provenance(run_path, finished=_now())
+    if read_run_info(run_path).completed_epochs < config.epochs:
+        _loop(session, out, run_path, torch_device, progress)
+        update_provenance(run_path, finished=_now())
+    elif not read_provenance(run_path).get("finished"):  # killed right after its last commit
+        update_provenance(run_path, finished=_now())
     return run_path
 
 
