@@ -105,8 +105,33 @@ def format_summary(summary: dict) -> str:
         lines.append("reaction: none computed yet")
     lines.append(f"extract: {len(summary['extract'])} rows" if summary["extract"]
                  else "extract: none")
-    lines += [_extract_line(row) for row in summary["extract"]]
+    lines += _extract_lines(summary["extract"])
     return "\n".join(lines)
+
+
+_SWEEP_LINES = 3  # more threshold rows of one series than this read as a sweep: one line
+
+
+def _extract_lines(rows: list[dict]) -> list[str]:
+    """One line per row, except one summary line per threshold sweep (e.g. ``--sweep``)."""
+    groups: dict[tuple, list[dict]] = {}
+    for row in rows:
+        key = (row["series"], row["window"]) if row["criterion"] == "threshold" else id(row)
+        groups.setdefault(key, []).append(row)
+    lines = []
+    for group in groups.values():
+        if len(group) <= _SWEEP_LINES:
+            lines += [_extract_line(row) for row in group]
+            continue
+        epochs = [row["epoch"] for row in group if row["epoch"] is not None]
+        chosen = f"epochs {min(epochs)}–{max(epochs)}" if epochs else "no epoch"
+        unanswered = len(group) - len(epochs)
+        lines.append(f"  {group[0]['series']}: threshold sweep, {len(group)} values "
+                     f"T={group[0]['threshold']:.2f}…{group[-1]['threshold']:.2f} window "
+                     f"{group[0]['window']} → {chosen}"
+                     + (f" ({unanswered} with none)" if epochs and unanswered else "")
+                     + " (all rows: analyzer info --json)")
+    return lines
 
 
 def _extract_line(row: dict) -> str:

@@ -257,6 +257,13 @@ def test_extract_sweep_has_one_hundred_thresholds_per_series(run_file):
     reaction = {r["threshold"]: r["epoch"] for r in rows if r["series"] == "reaction:train"}
     assert reaction[0.37] is None and reaction[0.38] == 6   # ratio 0.3769
     assert len(read_extract(run_file)) == 202
+    info = invoke("info", str(run_file)).stdout.splitlines()
+    assert "extract: 202 rows" in info
+    sweeps = [line for line in info if "threshold sweep" in line]
+    assert [line.split(":")[0].strip() for line in sweeps] == ["loss", "reaction"]
+    assert "loss:val: threshold sweep, 100 values T=0.01…1.00 window 100 → epochs 3–" in sweeps[0]
+    assert "(20 with none)" in sweeps[0]   # T = 0.01 … 0.20
+    assert len(info) < 20
 
 
 def test_extract_reads_a_csv_through_the_real_command(tmp_path, cli):
