@@ -67,7 +67,10 @@ def find_run_file(ckpt_dir: Path, run: Path | None) -> Path | None:
         if not Path(run).is_file():
             raise InputError(f"run file not found: {run}")
         return Path(run)
-    beside = Path(ckpt_dir).resolve().parent / RUN_FILE
+    ckpt_dir = Path(ckpt_dir)
+    # As the user wrote it (runs/demo/run.h5 in messages), unless the name has no parent in it.
+    parent = ckpt_dir.parent if ckpt_dir.name not in ("", "..") else ckpt_dir.resolve().parent
+    beside = parent / RUN_FILE
     return beside if beside.is_file() else None
 
 
