@@ -175,7 +175,7 @@ def analyzer_reaction(ckpt_dir: Path, run: Path | None, out: Path | None, model:
                       channels: int | None, splits: str | None, epochs: str | None,
                       score: str | None, target: str | None, backend: str, device: str,
                       batch_size: int, quiet: bool) -> None:
-    """Reaction value of every image, class and checkpoint (SPEC §2).
+    """Reaction value of every image, class and checkpoint (docs/METHOD.md §2).
 
     \b
     Examples:
@@ -259,7 +259,7 @@ def analyzer_export_onnx(ckpt_dir: Path, out: Path, run: Path | None, model: str
 @_user_errors
 def analyzer_plot(run_files: tuple[Path, ...], out: Path, smooth: int, image_format: str,
                   epoch: int | None, split: str, dpi: int) -> None:
-    """The thesis's figures (SPEC §3 items 1-4) from run files, models overlaid.
+    """The thesis's figures (docs/METHOD.md §3) from run files, models overlaid.
 
     \b
     Writes, per figure that the files can feed:
@@ -312,7 +312,7 @@ def analyzer_cam(ckpt_dir: Path, epochs: str | None, images: int, out: Path, spl
                  run: Path | None, model: str | None, layer: str | None, data: tuple[str, ...],
                  image_size: str | None, channels: int | None, scale: str, device: str,
                  dpi: int) -> None:
-    """Grad-CAM heat maps over the input images, images x epochs (SPEC §3 item 5).
+    """Grad-CAM heat maps over the input images, images x epochs (docs/METHOD.md §3).
 
     Each cell is titled with the class, the epoch and the image's Reaction (the value
     'analyzer reaction' stores); the map is upsampled bilinearly for display only.
@@ -402,7 +402,7 @@ def analyzer_report(run_files: tuple[Path, ...], out: Path, ckpt_dirs: tuple[Pat
 def analyzer_extract(file: Path, series: tuple[str, ...], threshold: str, window: int,
                      sweep: bool, after_peak: bool, test_series: str | None, as_json: bool,
                      no_save: bool) -> None:
-    """Pick the epoch: threshold and minimum criteria (SPEC §4), with the test accuracy there.
+    """Pick the epoch: threshold, minimum or auto criterion, with the test accuracy there.
 
     \b
     Examples:

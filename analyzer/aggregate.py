@@ -1,4 +1,4 @@
-"""Per-class summaries of per-image results (SPEC §2: class and model Reaction). Pure numpy."""
+"""Per-class summaries of per-image results (METHOD.md §2: class and model Reaction). Pure numpy."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Grad-CAM heat maps over the input images, a grid of images × epochs (SPEC §3 item 5).
+"""Grad-CAM heat maps over the input images, a grid of images × epochs (docs/METHOD.md §3 item 5).
 
 The maps are the backend's own (:meth:`TorchBackend.compute` with ``keep_maps=True``): the
 same raw map, at the layer's resolution, whose Reaction ``analyzer reaction`` stores. Each

@@ -1,4 +1,4 @@
-"""Picking "the best epoch" from a per-epoch series (SPEC §4, thesis §4.3.2, §5.2). Pure numpy.
+"""Picking "the best epoch" from a per-epoch series (METHOD.md §4, thesis §4.3.2, §5.2). Pure numpy.
 
 A series is two arrays: the epochs and one value per epoch (model Reaction of the training
 images, validation loss, ...). Missing values (NaN, epochs that were not analysed) are dropped
@@ -104,7 +104,7 @@ def _first_below(epochs: np.ndarray, ratios: np.ndarray, threshold: float) -> in
 
 def threshold_epoch(epochs: np.ndarray, values: np.ndarray, threshold: float,
                     window: int = DEFAULT_WINDOW) -> int | None:
-    """Threshold criterion (SPEC §4): the first epoch i = 2, 3, … with
+    """Threshold criterion (docs/METHOD.md §4): the first epoch i = 2, 3, … with
 
         S_i > 0  and  |V_i − V_{i−1}| / S_i < T  and  V_{i−1} > V_i,
 
@@ -125,7 +125,7 @@ def sweep(epochs: np.ndarray, values: np.ndarray,
 
 
 def minimum_epoch(epochs: np.ndarray, values: np.ndarray, after_peak: bool) -> int | None:
-    """Minimum criterion (SPEC §4): the epoch of the smallest value.
+    """Minimum criterion (docs/METHOD.md §4): the epoch of the smallest value.
 
     With ``after_peak`` (the rule for Reaction), only the epochs strictly after the epoch of
     the largest value count; None when the peak is the last analysed epoch. Ties go to the

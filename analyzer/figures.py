@@ -1,4 +1,4 @@
-"""The thesis's figures (SPEC §3 items 1–4) as matplotlib Figures, from one or several runs.
+"""The thesis's figures (METHOD.md §3 items 1–4) as matplotlib Figures, from one or several runs.
 
 Every drawing function takes data (:class:`RunData`, arrays) and returns a
 :class:`matplotlib.figure.Figure` built without pyplot, so nothing depends on a display or a
@@ -320,7 +320,7 @@ def accuracy_by_epoch(run: RunData) -> dict[int, float]:
 
 def sweep_curves(runs: Sequence[RunData], thresholds: np.ndarray = SWEEP_THRESHOLDS,
                  window: int = DEFAULT_WINDOW) -> list[SweepCurve]:
-    """The threshold criterion (SPEC §4) over ``thresholds`` for every run and series."""
+    """The threshold criterion (docs/METHOD.md §4) over ``thresholds`` for every run and series."""
     curves = []
     for run in runs:
         accuracy = accuracy_by_epoch(run)
@@ -348,7 +348,7 @@ class NamedFigure:
 
 def thesis_figures(runs: Sequence[RunData], smooth: int = DEFAULT_SMOOTH,
                    epoch: int | None = None, split: str = "train") -> list[NamedFigure]:
-    """Every figure of SPEC §3 items 1–4 for ``runs``, in the thesis's order."""
+    """Every figure of docs/METHOD.md §3 items 1–4 for ``runs``, in the thesis's order."""
     named = []
     for quantity in PER_CLASS:
         source = PER_CLASS[quantity][0].format(split=split)

@@ -1,4 +1,4 @@
-"""Grad-CAM and the Reaction value as pure tensor functions (SPEC §2; thesis eq. 3.1–3.3).
+"""Grad-CAM and the Reaction value as pure tensor functions (docs/METHOD.md §2; thesis eq. 3.1–3.3).
 
 No I/O, no device decisions: every function works on whatever device its inputs are on.
 """

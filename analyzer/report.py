@@ -3,9 +3,9 @@
 Everything is in the page: figures are PNG images embedded as base64 ``data:`` URIs, the
 style sheet is inline, and there is no script, font, link or request of any kind, so the page
 opens offline, from a mail attachment, in any browser. Sections: the runs (provenance,
-configuration, Reaction settings), the curves and scatter plots of SPEC §3 items 1–4, the
-epochs each criterion of SPEC §4 picks with the threshold sweep, and the Grad-CAM grids
-(SPEC §3 item 5) of the runs whose checkpoints are at hand.
+configuration, Reaction settings), the curves and scatter plots of docs/METHOD.md §3 items 1–4, the
+epochs each criterion of docs/METHOD.md §4 picks with the threshold sweep, and the Grad-CAM grids
+(docs/METHOD.md §3 item 5) of the runs whose checkpoints are at hand.
 """
 
 from __future__ import annotations
@@ -153,7 +153,7 @@ def cam_figures(runs: Sequence[RunData], options: ReportOptions) -> list[NamedFi
 
 
 def extract_tables(runs: Sequence[RunData]) -> list[Table]:
-    """The epochs each criterion of SPEC §4 picks, with the test accuracy there: a summary
+    """The epochs each criterion of docs/METHOD.md §4 picks, with the test accuracy there: a summary
     in the layout of thesis table 5.1 (minimum and auto criteria), then every criterion of
     every run (thresholds of :data:`REPORT_THRESHOLDS`)."""
     picked = {run.label: _extractions(run) for run in runs}

@@ -20,7 +20,7 @@ Methods timed:
    and linear FLOPs per image × images/s) against a measured float32 ``torch.matmul`` rate.
 
 Values: every method's *raw* map at the layer's resolution is compared with ours
-(``compute(..., keep_maps=True).cam``), and so is the Reaction computed from it (SPEC §2).
+(``compute(..., keep_maps=True).cam``), and so is the Reaction computed from it (docs/METHOD.md §2).
 pytorch-grad-cam only returns normalised, upsampled maps; its raw map is rebuilt from its own
 pieces after the normal call: the activations and gradients its hooks kept
 (``cam.activations_and_grads``) go through its ``get_cam_image`` (which calls its

@@ -1,4 +1,4 @@
-"""Epoch picking (SPEC §4) on hand-built series whose answers are worked out in the comments."""
+"""Epoch picking (METHOD.md §4) on hand-built series, answers worked out in the comments."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The Grad-CAM math as pure functions (SPEC §2; thesis eq. 3.1–3.3), on tensors worked by hand.
+"""The Grad-CAM math as pure functions (METHOD.md §2; thesis eq. 3.1–3.3), worked by hand.
 
 Every expected value below is written out as a literal with the arithmetic that gives it, so a
 reader can check it on paper; nothing here calls one function of the module to test another.

@@ -1,4 +1,4 @@
-"""The model zoo: shapes from SPEC §3, the Grad-CAM layer, specs and user errors."""
+"""The model zoo: shapes from docs/METHOD.md §3, the Grad-CAM layer, specs and user errors."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from trainer.models import (
 
 ZOO = model_names()
 
-# Flatten sizes at the default input, 1 channel (SPEC §3's table; Model V's is our reconstruction).
+# Flatten sizes at the default input, 1 channel (METHOD.md §3; Model V's is our reconstruction).
 FLATTEN_AT_DEFAULT = {
     "small": 128,
     "mnist": 9216,

@@ -1,4 +1,4 @@
-"""The PyTorch backend against an independent float64 per-image Grad-CAM loop (SPEC §2).
+"""The PyTorch backend against an independent float64 per-image Grad-CAM loop (docs/METHOD.md §2).
 
 The reference below is written from the definitions, not from ``analyzer.gradcam``: a float64
 copy of the network, one image at a time, a forward hook on the layer, ``autograd.grad`` of the

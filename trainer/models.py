@@ -1,4 +1,4 @@
-"""The model zoo: the thesis's six CNNs (SPEC §3), seed 001's MNIST network and a small net.
+"""The model zoo: the thesis's six CNNs (METHOD.md §3), seed 001's MNIST network and a small net.
 
 Every zoo model is a :class:`ConvNet` with two parts, ``features`` (convolutions and pools) and
 ``classifier`` (flatten and dense layers). The Grad-CAM target layer is the activation after the
@@ -51,7 +51,7 @@ _ZOO: dict[str, _Architecture] = {
     "model3": _thesis("Model III (thesis)", (16, 16), (32, 32), (64, 64)),
     "model4": _thesis("Model IV (thesis)", (32, 32), (64, 64), (128, 128)),
     # RECONSTRUCTION: the thesis says Model V has 8 conv layers but its figure is lost from the
-    # text; these filters follow SPEC §3's suggestion (flatten 128×2×20 = 5120 at 1×50×200).
+    # text; these filters follow METHOD.md §3's suggestion (flatten 128×2×20 = 5120 at 1×50×200).
     "model5": _thesis("Model V (reconstruction, the thesis figure is lost)",
                       (16, 16, 32), (32, 64, 64), (128, 128)),
     # The thesis prints flatten 4894 for Model VI; 256×1×19 = 4864 is right.

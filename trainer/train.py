@@ -60,7 +60,7 @@ _PACKAGES = ("reaction", "torch", "numpy", "h5py", "safetensors", "scikit-learn"
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Training settings; the defaults are the thesis's (SPEC §3) on the embedded digits."""
+    """Training settings; the defaults are the thesis's (METHOD.md §3) on the embedded digits."""
 
     data: str = "digits"
     test: str | None = None
