@@ -3,7 +3,7 @@
 #   make test   set up .venv, then run the test suite
 PYTHON ?= python3
 VENV ?= .venv
-# The CPU build of torch; override, e.g. TORCH_SPEC="torch>=2.4", for a CUDA machine.
+# The CPU build of torch; override, e.g. TORCH_SPEC="torch>=2.13", for a CUDA machine.
 TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 DEMO := runs/demo
