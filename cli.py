@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 import shlex
 import sys
 from collections.abc import Callable
@@ -14,7 +15,11 @@ from store.errors import InputError
 
 
 def _user_errors(command: Callable) -> Callable:
-    """Turn :class:`InputError` into a one-line ``Error: ...`` and exit code 1."""
+    """Turn :class:`InputError`, and any operating-system error (disk full, permission,
+    a file removed under us), into a one-line ``Error: ...`` and exit code 1.
+
+    ``REACTION_DEBUG=1`` lets operating-system errors through with their traceback.
+    """
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
@@ -22,6 +27,11 @@ def _user_errors(command: Callable) -> Callable:
             return command(*args, **kwargs)
         except InputError as error:
             raise click.ClickException(str(error)) from None
+        except OSError as error:
+            if os.environ.get("REACTION_DEBUG"):
+                raise
+            where = f": {error.filename}" if error.filename else ""
+            raise click.ClickException(f"{error.strerror or error}{where}") from None
 
     return wrapper
 
@@ -80,6 +90,10 @@ def trainer_run(out: Path, data: str, test_data: str | None, model: str, epochs:
 
     if resume and force:
         raise InputError("--resume and --force exclude each other")
+    if resume:
+        _refuse_given_options(("data", "test_data", "model", "epochs", "batch_size",
+                               "learning_rate", "val_fraction", "seed", "image_size",
+                               "channels", "onnx"), "--resume continues with the run's own")
     config = TrainConfig(data=data, test=test_data, model=model, epochs=epochs,
                          batch_size=batch_size, learning_rate=learning_rate,
                          val_fraction=val_fraction, seed=seed, image_size=image_size,
@@ -88,6 +102,16 @@ def trainer_run(out: Path, data: str, test_data: str | None, model: str, epochs:
     run_path = train(config, out, resume=resume, force=force, device=device,
                      progress=not quiet, command=command)
     click.echo(f"run file: {run_path}")
+
+
+def _refuse_given_options(names: tuple[str, ...], why: str) -> None:
+    """InputError naming the options of ``names`` that the command line set explicitly."""
+    context = click.get_current_context()
+    given = [option.opts[0] for option in context.command.params
+             if option.name in names and context.get_parameter_source(option.name)
+             == click.core.ParameterSource.COMMANDLINE]
+    if given:
+        raise InputError(f"{why} settings: drop {', '.join(given)}")
 
 
 @trainer.command("models")
@@ -293,7 +317,7 @@ def analyzer_plot(run_files: tuple[Path, ...], out: Path, smooth: int, image_for
 @click.option("--epochs", default=None, metavar="SEL",
               help="Columns: epochs with a checkpoint (1,10,100,1000 or 1:1000:333). "
                    "Default: the first, those nearest 10, 100, 1000..., the last.")
-@click.option("--images", default=8, show_default=True, type=click.IntRange(1),
+@click.option("--images", default=8, show_default=True, type=click.IntRange(1, 64),
               help="Rows: the first N images of the split, spread over the classes.")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True,
               help="Image file (.png, .pdf or .svg).")
@@ -349,7 +373,7 @@ def analyzer_cam(ckpt_dir: Path, epochs: str | None, images: int, out: Path, spl
               help="Checkpoint folder of each run file, in order (repeatable). "
                    "Default: checkpoints/ beside each run file, when present.")
 @click.option("--no-cam", is_flag=True, help="Leave out the Grad-CAM heat maps.")
-@click.option("--cam-images", default=8, show_default=True, type=click.IntRange(1))
+@click.option("--cam-images", default=8, show_default=True, type=click.IntRange(1, 64))
 @click.option("--smooth", default=10, show_default=True, type=click.IntRange(1),
               help="Moving average over N analysed epochs, centred (1: none).")
 @click.option("--epoch", default=None, type=int,

@@ -31,6 +31,8 @@ from store.results import read_split_results, result_splits
 from trainer.train import resolve_device
 
 SCALES = ("cell", "shared")
+MAX_IMAGES = 64  # rows of the grid: beyond this the figure is unreadable and slow to draw
+MAX_EPOCHS = 20  # its columns
 
 
 @dataclass(frozen=True)
@@ -118,15 +120,17 @@ def compute_cam_grid(options: CamOptions) -> CamGrid:
     PyTorch checkpoints run on :class:`TorchBackend`; a folder of ONNX checkpoints exported
     with their maps (``analyzer export-onnx --with-maps``) runs on ONNX Runtime.
     """
-    if options.images < 1:
-        raise InputError("--images must be at least 1")
+    if not 1 <= options.images <= MAX_IMAGES:
+        raise InputError(f"--images must be 1 to {MAX_IMAGES} (one row of the figure each), "
+                         f"got {options.images}")
     checkpoints, _ = discover_checkpoints(options.ckpt_dir)
     available = [c.epoch for c in checkpoints]
     wanted = parse_epochs(options.epochs, available) if options.epochs else \
         cam_epochs(available)
     chosen = [c for c in checkpoints if c.epoch in wanted]
-    if not chosen:
-        raise InputError(f"--epochs {options.epochs}: no checkpoint among those epochs")
+    if len(chosen) > MAX_EPOCHS:
+        raise InputError(f"--epochs {options.epochs} selects {len(chosen)} checkpoints: the grid "
+                         f"has at most {MAX_EPOCHS} columns (e.g. --epochs 1:1000:100)")
     run_file = find_run_file(options.ckpt_dir, options.run)
     if chosen[0].path.suffix.lower() == ".onnx":
         inputs, device, backend_for = _onnx_backends(chosen[0], run_file, options)

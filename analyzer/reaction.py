@@ -86,7 +86,8 @@ class ReactionOptions:
 def parse_epochs(text: str, available: list[int]) -> list[int]:
     """Select epochs: ``"1:1000:10"`` (start:stop:step, stop included), ``"5"``, ``"1,10,100"``.
 
-    Ranges keep the epochs that have a checkpoint; a single epoch without one is an error.
+    Ranges keep the epochs that have a checkpoint; a single epoch without one, or a selection
+    that keeps none, is an error.
     """
     chosen: set[int] = set()
     have = set(available)
@@ -102,10 +103,14 @@ def parse_epochs(text: str, available: list[int]) -> list[int]:
                 raise InputError(f"no checkpoint for epoch {values[0]}")
             chosen.add(values[0])
         elif len(values) in (2, 3) and (len(values) == 2 or values[2] > 0):
-            step = values[2] if len(values) == 3 else 1
-            chosen |= have & set(range(values[0], values[1] + 1, step))
+            start, stop, step = values[0], values[1], values[2] if len(values) == 3 else 1
+            chosen |= {epoch for epoch in have
+                       if start <= epoch <= stop and (epoch - start) % step == 0}
         else:
             raise InputError(f"--epochs: {part!r} is not N, START:STOP or START:STOP:STEP")
+    if not chosen:
+        raise InputError(f"--epochs {text} selects none of the {len(have)} checkpoints "
+                         f"(epochs {min(have, default=0)}–{max(have, default=0)})")
     return sorted(chosen)
 
 

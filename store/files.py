@@ -8,9 +8,14 @@ group folder can read the results: :func:`tempfile.mkstemp` alone would leave ``
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import secrets
+from collections.abc import Iterator
 from pathlib import Path
+
+from store.errors import InputError
 
 _ATTEMPTS = 100
 
@@ -38,3 +43,24 @@ def write_atomically(path: Path, payload: bytes) -> None:
         os.replace(temporary, path)
     finally:
         temporary.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def folder_owned(folder: Path, lock_name: str, busy: str) -> Iterator[None]:
+    """Hold an exclusive lock on ``folder/lock_name`` for the whole block, or fail at once.
+
+    Creates ``folder`` if needed. For a process that owns a folder for a long time (a
+    training run): a second one gets :class:`InputError` with the message ``busy``.
+    """
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        handle = open(folder / lock_name, "a+b")  # noqa: SIM115 (closed by the with below)
+    except OSError as error:
+        raise InputError(f"cannot create {folder}: {error.strerror}") from None
+    with handle:
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise InputError(busy) from None
+        yield

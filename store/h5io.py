@@ -57,7 +57,12 @@ def writer_lock(
         on_wait: called once if the lock is busy (by default a note on stderr).
     """
     path = Path(path)
-    with open(lock_path(path), "a+b") as handle:
+    try:
+        handle = open(lock_path(path), "a+b")  # noqa: SIM115 (closed by the with below)
+    except OSError as error:
+        raise InputError(f"cannot write in {path.parent} (its writer lock "
+                         f"{lock_path(path).name}: {error.strerror})") from None
+    with handle:
         deadline = None if timeout is None else time.monotonic() + timeout
         announced = False
         while True:

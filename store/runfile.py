@@ -34,6 +34,7 @@ from store.h5io import (
 FORMAT_NAME = "reaction-run"
 FORMAT_VERSION = "1.0"
 RUN_FILE = "run.h5"
+TRAINER_LOCK = ".trainer.lock"  # held by the trainer that owns the run folder
 CHECKPOINT_DIR = "checkpoints"
 
 _SCALAR_CURVES = {

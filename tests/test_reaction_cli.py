@@ -138,7 +138,8 @@ def test_a_rerun_skips_what_is_done_and_other_settings_are_refused(trained, tmp_
 
 
 @pytest.mark.parametrize("case", ["truncated", "wrong model", "no such layer", "pickle",
-                                  "class count"])
+                                  "class count", "no epoch selected", "huge epoch range",
+                                  "no such device", "lock cannot be opened"])
 def test_bad_input_is_one_line_and_earlier_results_stay(trained, tmp_path, cli, case):
     run = copy_run(trained, tmp_path)
     assert cli("analyzer", "reaction", "--ckpt-dir", str(run / "checkpoints"), "--epochs", "1",
@@ -158,6 +159,19 @@ def test_bad_input_is_one_line_and_earlier_results_stay(trained, tmp_path, cli, 
     elif case == "pickle":
         torch.save({"weights": Path("x")}, run / "checkpoints" / "epoch_0007.pt")
         expected = "weights_only"
+    elif case == "no epoch selected":
+        args += ["--epochs", "10:20"]
+        expected = "selects none of the 6 checkpoints (epochs 1–6)"
+    elif case == "huge epoch range":  # filtered, never built: no memory blow-up
+        args += ["--epochs", "7:99999999999999999"]
+        expected = "selects none"
+    elif case == "no such device":
+        args += ["--device", "banana"]
+        expected = "'banana' is not a device"
+    elif case == "lock cannot be opened":  # as a read-only folder for a non-owner (CI is root)
+        (run / "run.h5.lock").unlink()
+        (run / "run.h5.lock").mkdir()
+        expected = "cannot write in"
     else:
         data = tmp_path / "folder"
         for name in ("x", "y", "z"):
@@ -173,7 +187,7 @@ def test_bad_input_is_one_line_and_earlier_results_stay(trained, tmp_path, cli, 
     with h5py.File(run / "run.h5", "r") as handle:
         kept = handle["reaction/train/image_reaction"][0]
     assert np.isfinite(kept).all()
-    if case in ("wrong model", "no such layer", "class count"):  # caught before any write
+    if case not in ("truncated", "pickle"):  # caught before any write
         assert (run / "run.h5").read_bytes() == before
 
 

@@ -80,6 +80,11 @@ def test_resume_of_a_finished_run_changes_nothing(tmp_path, cli):
     before = tree(out)
     assert cli("trainer", "run", "--out", str(out), "--resume", "-q").returncode == 0
     assert tree(out) == before  # the run file's "finished" time included
+    other = cli("trainer", "run", "--out", str(out), "--resume", "--lr", "0.5", "--epochs", "9")
+    assert other.returncode == 1
+    assert other.stderr.strip() == ("Error: --resume continues with the run's own settings: "
+                                    "drop --epochs, --lr")
+    assert tree(out) == before
 
 
 def write_png_classes(root: Path, counts: dict[str, int]) -> Path:
@@ -223,3 +228,20 @@ def test_kill_nine_then_resume_equals_an_uninterrupted_run(tmp_path, onnx):
     np.testing.assert_array_equal(resumed_curves["checkpoint_sha256"],
                                   reference_curves["checkpoint_sha256"])
     assert tree(killed / "checkpoints") == tree(reference / "checkpoints")
+
+
+def test_a_second_trainer_in_the_same_folder_is_refused_while_the_first_runs(tmp_path, cli):
+    out = tmp_path / "run"
+    first = start_training(out, 300)
+    try:
+        assert wait_for_checkpoint(out, 1, first), first.stderr.read()
+        for extra in (["--epochs", "3", "--force"], ["--resume"]):
+            second = cli("trainer", "run", "--out", str(out), "-q", *extra)
+            assert second.returncode == 1
+            assert second.stderr.strip() == f"Error: another trainer is running in {out}"
+    finally:
+        first.kill()
+        first.wait()
+    resumed = cli("trainer", "run", "--out", str(out), "--resume", "-q")  # the lock died with it
+    assert resumed.returncode == 0, resumed.stderr
+    assert read_run_info(out / "run.h5").completed_epochs == 300

@@ -41,11 +41,13 @@ from store.datasets import (
     plan_splits,
 )
 from store.errors import InputError
+from store.files import folder_owned
 from store.h5io import remove_stale_copies
 from store.onnx_files import onnx_name, remove_stale_onnx_temporaries, write_onnx_file
 from store.runfile import (
     CHECKPOINT_DIR,
     RUN_FILE,
+    TRAINER_LOCK,
     EpochRecord,
     create_run_file,
     read_provenance,
@@ -90,9 +92,19 @@ def resolve_device(device: str) -> torch.device:
     """``auto`` → CUDA when available, else CPU; ``cuda`` without a GPU is an error."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
+    try:
+        chosen = torch.device(device)
+    except RuntimeError:
+        raise InputError(f"--device {device!r} is not a device: use auto, cpu, cuda or cuda:N") \
+            from None
+    if chosen.type not in ("cpu", "cuda", "mps") or (
+            chosen.type == "mps" and not torch.backends.mps.is_available()):
+        raise InputError(f"--device {device}: not available here; use auto, cpu, cuda or cuda:N")
+    if chosen.type == "cuda" and not torch.cuda.is_available():
         raise InputError("--device cuda was asked for, but no CUDA device is available")
-    return torch.device(device)
+    if chosen.type == "cuda" and (chosen.index or 0) >= torch.cuda.device_count():
+        raise InputError(f"--device {device}: there are {torch.cuda.device_count()} CUDA devices")
+    return chosen
 
 
 def epoch_generator(seed: int, epoch: int) -> torch.Generator:
@@ -139,16 +151,18 @@ def train(config: TrainConfig, out: Path, *, resume: bool = False, force: bool =
         _refuse_existing_run(run_path, force)
         config.validate()
     source, plan, session = _load_session(config, torch_device)
-    if resume:
-        _check_same_splits(plan, run_path)
-        _restore(session, out, run_path)
-    else:
-        _start_new_run(config, source, plan, session, out, command)
-    if read_run_info(run_path).completed_epochs < config.epochs:
-        _loop(session, out, run_path, torch_device, progress)
-        update_provenance(run_path, finished=_now())
-    elif not read_provenance(run_path).get("finished"):  # killed right after its last commit
-        update_provenance(run_path, finished=_now())
+    with folder_owned(out, TRAINER_LOCK, f"another trainer is running in {out}"):
+        if resume:
+            _check_same_splits(plan, run_path)
+            _restore(session, out, run_path)
+        else:
+            _refuse_existing_run(run_path, force)  # again: a trainer may have just finished
+            _start_new_run(config, source, plan, session, out, command)
+        if read_run_info(run_path).completed_epochs < config.epochs:
+            _loop(session, out, run_path, torch_device, progress)
+            update_provenance(run_path, finished=_now())
+        elif not read_provenance(run_path).get("finished"):  # killed after its last commit
+            update_provenance(run_path, finished=_now())
     return run_path
 
 
@@ -234,6 +248,9 @@ def _check_same_splits(plan: SplitPlan, run_path: Path) -> None:
 
 def _restore(session: _Session, out: Path, run_path: Path) -> None:
     """Load the resume file; finish its epoch's commit if the crash came just before it."""
+    if not (out / CHECKPOINT_DIR).is_dir():
+        raise InputError(f"cannot resume: {out / CHECKPOINT_DIR}, the run's checkpoint folder, "
+                         "is missing")
     remove_stale_temporaries(out / CHECKPOINT_DIR)
     remove_stale_onnx_temporaries(out / CHECKPOINT_DIR)
     remove_stale_temporaries(out)  # the resume file's
