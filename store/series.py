@@ -207,8 +207,14 @@ def _read_csv(path: Path) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """The epochs and every other column of a CSV (empty cells and "nan" are NaN)."""
     if not path.is_file():
         raise InputError(f"file not found: {path}")
-    with open(path, newline="", encoding="utf-8-sig") as handle:
-        rows = list(csv.reader(handle))
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as handle:
+            rows = list(csv.reader(handle))
+    except UnicodeDecodeError as error:
+        raise InputError(f"{path} is not UTF-8 text (byte {error.start}): save the CSV as "
+                         "UTF-8") from None
+    except csv.Error as error:
+        raise InputError(f"{path} is not a readable CSV: {error}") from None
     if not rows:
         raise InputError(f"{path} is empty")
     header = [cell.strip() for cell in rows[0]]
@@ -225,6 +231,10 @@ def _read_csv(path: Path) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     epochs = table[:, epoch_column]
     if np.isnan(epochs).any() or np.any(epochs != np.round(epochs)):
         raise InputError(f"{path}: every row needs a whole epoch number")
+    unique, counts = np.unique(epochs, return_counts=True)
+    if (counts > 1).any():
+        raise InputError(f"{path}: epoch {int(unique[counts > 1][0])} appears "
+                         f"{int(counts.max())} times; one row per epoch")
     columns = {name: table[:, k] for k, name in enumerate(header) if k != epoch_column}
     return epochs.astype(np.int64), columns
 

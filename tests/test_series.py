@@ -165,10 +165,14 @@ def test_tensorboard_csv_uses_step_as_the_epoch(tmp_path):
     ("epoch,loss\n1,abc\n", "'abc' is not a number"),
     ("epoch,loss\n1,1.0,3\n", "3 cells"),
     ("epoch,loss\n1.5,1.0\n", "whole epoch"),
+    ("epoch,loss\n1,0.4\n2,0.3\n1,0.3\n", "epoch 1 appears 2 times"),
+    (b"epoch,loss\xfc\n1,0.5\n", "not UTF-8 text"),
 ])
 def test_bad_csv_is_one_clear_error(tmp_path, text, message):
+    path = tmp_path / "bad.csv"
+    path.write_bytes(text if isinstance(text, bytes) else text.encode())
     with pytest.raises(InputError, match=message):
-        read_series(write_csv(tmp_path / "bad.csv", text), "loss")
+        read_series(path, "loss")
 
 
 # --- /extract ------------------------------------------------------------------------------
