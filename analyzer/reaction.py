@@ -173,10 +173,12 @@ def _discover(options: ReactionOptions) -> tuple[list[CheckpointFile], list[Path
     if options.backend != "torch":
         try:
             found = discover_checkpoints(options.ckpt_dir, suffixes=(".onnx",))
-            return found[0], found[1], True
         except InputError as error:
             if not str(error).startswith("no checkpoint files"):
                 raise
+        else:
+            _check_onnx_twins(options, {c.epoch for c in found[0]})
+            return found[0], found[1], True
     try:
         checkpoints, ignored = discover_checkpoints(options.ckpt_dir, suffixes=_TORCH_SUFFIXES)
     except InputError as error:
@@ -186,6 +188,26 @@ def _discover(options: ReactionOptions) -> tuple[list[CheckpointFile], list[Path
                              "the onnx backend (--backend onnx or auto)") from None
         raise
     return checkpoints, ignored, False
+
+
+def _check_onnx_twins(options: ReactionOptions, onnx_epochs: set[int]) -> None:
+    """A folder with ONNX files for only some of its PyTorch checkpoints: refused with
+    ``--backend auto`` (which would silently analyse only those), a note with ``onnx``."""
+    try:
+        torch_files, _ = discover_checkpoints(options.ckpt_dir, suffixes=_TORCH_SUFFIXES)
+    except InputError:
+        return  # no PyTorch checkpoints beside them
+    missing = sorted({c.epoch for c in torch_files} - onnx_epochs)
+    if not missing:
+        return
+    shown = ", ".join(map(str, missing[:5])) + (", …" if len(missing) > 5 else "")
+    if options.backend == "auto":
+        raise InputError(f"{options.ckpt_dir} holds ONNX files for only some of its "
+                         f"checkpoints ({len(missing)} without one: epochs {shown}): choose "
+                         "--backend torch (every PyTorch checkpoint) or --backend onnx (the "
+                         "ONNX files only)")
+    print(f"note: --backend onnx leaves out {len(missing)} PyTorch checkpoints without an ONNX "
+          f"file (epochs {shown})", file=sys.stderr)
 
 
 def _onnx_file_inputs(options: ReactionOptions, first: CheckpointFile,

@@ -318,6 +318,25 @@ def test_a_truncated_onnx_file_is_refused_naming_it_and_earlier_results_stay(onn
         assert handle["reaction/train/computed"][()][:3].tolist() == [1, 1, 0]
 
 
+def test_a_folder_with_onnx_files_for_some_checkpoints_only_is_not_silently_cut(onnx_run,
+                                                                              tmp_path):
+    run = copy_run(onnx_run, tmp_path)
+    (run / "checkpoints" / "epoch_0003.onnx").unlink()  # e.g. killed between the two writes
+    before = (run / "run.h5").read_bytes()
+    refused = run_cli("analyzer", "reaction", "--ckpt-dir", str(run / "checkpoints"), "-q")
+    assert refused.returncode == 1
+    assert refused.stderr.strip() == (
+        f"Error: {run / 'checkpoints'} holds ONNX files for only some of its checkpoints "
+        "(1 without one: epochs 3): choose --backend torch (every PyTorch checkpoint) or "
+        "--backend onnx (the ONNX files only)")
+    assert (run / "run.h5").read_bytes() == before
+    chosen = run_cli("analyzer", "reaction", "--ckpt-dir", str(run / "checkpoints"),
+                     "--backend", "onnx", "--epochs", "1", "-q")
+    assert chosen.returncode == 0, chosen.stderr
+    assert "note: --backend onnx leaves out 1 PyTorch checkpoints without an ONNX file " \
+           "(epochs 3)" in chosen.stderr
+
+
 @pytest.mark.parametrize(("option", "expected"), [
     ({"score": "softmax"}, "export-onnx --score softmax"),
     ({"target": "pred"}, "export-onnx --target pred"),
