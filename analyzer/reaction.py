@@ -254,7 +254,8 @@ def _prepare_results(path: Path, inputs: AnalysisInputs, epochs: list[int],
                      options: ReactionOptions, device: str, backend_name: str) -> None:
     """Create or check the results groups, with rows for ``epochs`` (every checkpoint's)."""
     if path.exists():
-        check_results_target(path)
+        check_results_target(path, inputs.class_names,
+                             {split.name: split.identity for split in inputs.splits})
     else:
         try:
             create_results_file(path, inputs.class_names)

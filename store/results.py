@@ -95,12 +95,23 @@ def create_results_file(path: Path, class_names: Sequence[str]) -> None:
                              "classes": json.dumps(list(class_names))})
 
 
-def check_results_target(path: Path) -> None:
-    """Refuse to write results into an HDF5 file that is neither a run nor a results file."""
+def check_results_target(path: Path, class_names: Sequence[str],
+                         images: dict[str, SplitImages]) -> None:
+    """Refuse to write results into a file that is not a run or results file, or that
+    belongs to other data: other classes, or a run whose splits hold other images."""
     with open_for_reading(Path(path)) as handle:
         kind = handle.attrs.get("format")
-    if kind not in (RESULTS_FORMAT, "reaction-run"):
-        raise InputError(f"{path} is not a reaction run or results file: refusing to write it")
+        if kind not in (RESULTS_FORMAT, "reaction-run"):
+            raise InputError(f"{path} is not a reaction run or results file: refusing to "
+                             "write it")
+        if json.loads(handle.attrs.get("classes", "null")) != list(class_names):
+            raise InputError(f"{path} holds results for other classes: write these to "
+                             "another file with --out")
+        for split, identity in images.items():
+            recorded = handle.get(f"splits/{split}/image")
+            if recorded is not None and read_strings(recorded) != list(identity.ids):
+                raise InputError(f"{path} is the run file of other data (its {split} images "
+                                 "differ): write these to another file with --out")
 
 
 def prepare_split(path: Path, split: str, *, epochs: Sequence[int], class_names: Sequence[str],

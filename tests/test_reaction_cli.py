@@ -139,7 +139,8 @@ def test_a_rerun_skips_what_is_done_and_other_settings_are_refused(trained, tmp_
 
 @pytest.mark.parametrize("case", ["truncated", "wrong model", "no such layer", "pickle",
                                   "class count", "no epoch selected", "huge epoch range",
-                                  "no such device", "lock cannot be opened"])
+                                  "no such device", "lock cannot be opened",
+                                  "another run's file"])
 def test_bad_input_is_one_line_and_earlier_results_stay(trained, tmp_path, cli, case):
     run = copy_run(trained, tmp_path)
     assert cli("analyzer", "reaction", "--ckpt-dir", str(run / "checkpoints"), "--epochs", "1",
@@ -172,6 +173,13 @@ def test_bad_input_is_one_line_and_earlier_results_stay(trained, tmp_path, cli, 
         (run / "run.h5.lock").unlink()
         (run / "run.h5.lock").mkdir()
         expected = "cannot write in"
+    elif case == "another run's file":  # same classes, other train/val images (seed 1)
+        other = tmp_path / "other"
+        assert cli("trainer", "run", "--out", str(other), "--epochs", "1", "--seed", "1",
+                   "-q").returncode == 0
+        other_before = (other / "run.h5").read_bytes()
+        args += ["--out", str(other / "run.h5")]
+        expected = "is the run file of other data"
     else:
         data = tmp_path / "folder"
         for name in ("x", "y", "z"):
@@ -189,6 +197,8 @@ def test_bad_input_is_one_line_and_earlier_results_stay(trained, tmp_path, cli, 
     assert np.isfinite(kept).all()
     if case not in ("truncated", "pickle"):  # caught before any write
         assert (run / "run.h5").read_bytes() == before
+    if case == "another run's file":
+        assert (other / "run.h5").read_bytes() == other_before
 
 
 @pytest.mark.slow
