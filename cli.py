@@ -298,11 +298,19 @@ def analyzer_plot(run_files: tuple[Path, ...], out: Path, smooth: int, image_for
     from analyzer.figures import load_runs, thesis_figures
 
     runs = load_runs(run_files)
+    analysed = sorted({name for run in runs for name in run.reaction})
+    if analysed and split not in analysed:
+        raise InputError(f"--split {split}: no file has Reaction results for it "
+                         f"(they have: {', '.join(analysed)})")
+    figures = thesis_figures(runs, smooth, epoch, split)
+    if all(named.figure is None for named in figures):
+        raise InputError("nothing to draw: no file has Reaction results or training curves "
+                         "(run 'analyzer reaction' first)")
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise InputError(f"cannot create {out}: {error.strerror or error}") from None
-    for named in thesis_figures(runs, smooth, epoch, split):
+    for named in figures:
         if named.figure is None:
             click.echo(f"note: {named.name} skipped: {named.note}", err=True)
             continue
@@ -396,6 +404,9 @@ def analyzer_report(run_files: tuple[Path, ...], out: Path, ckpt_dirs: tuple[Pat
     """
     from analyzer.report import ReportOptions, write_report
 
+    for folder in ckpt_dirs:
+        if not folder.is_dir():
+            raise InputError(f"checkpoint folder not found: {folder}")
     path = write_report(ReportOptions(runs=run_files, out=out, ckpt_dirs=ckpt_dirs,
                                       cam=not no_cam, cam_images=cam_images, smooth=smooth,
                                       epoch=epoch, split=split, device=device))

@@ -236,21 +236,25 @@ def test_plot_command_writes_every_figure_and_notes_what_it_skips(run_files, res
         "test_accuracy_per_class", f"scatter_epoch_{EPOCHS}", "model_reaction",
         "threshold_sweep"))
     assert result.stdout.count("wrote ") == 7
-    # A results file with the train split only, asked for the val split: most figures lack
-    # their data and are skipped with a note each; the others are written.
+    # A results file with the train split only: the figure that needs the test split is
+    # skipped with a note; the others are written.
     alone = CliRunner().invoke(analyzer, ["plot", str(results_only), "--out",
                                           str(tmp_path / "alone"), "--format", "svg",
-                                          "--split", "val", "--epoch", "2"])
+                                          "--epoch", "2"])
     assert alone.exit_code == 0, alone.output
     assert sorted(p.name for p in (tmp_path / "alone").iterdir()) == [
-        "threshold_sweep.svg", "train_accuracy_per_class.svg"]
+        "loss_per_class.svg", "model_reaction.svg", "reaction_per_class.svg",
+        "scatter_epoch_2.svg", "threshold_sweep.svg", "train_accuracy_per_class.svg"]
     assert alone.stderr.splitlines() == [
-        "note: reaction_per_class skipped: no run has Reaction results for the val split",
-        "note: loss_per_class skipped: no run has Reaction results for the val split",
-        "note: test_accuracy_per_class skipped: no run has Reaction results for the test split",
-        "note: scatter_epoch_2 skipped: no run has val or test results at epoch 2",
-        "note: model_reaction skipped: no run has Reaction results for the val split"]
+        "note: test_accuracy_per_class skipped: no run has Reaction results for the test split"]
     assert (tmp_path / "alone" / "threshold_sweep.svg").read_text().lstrip().startswith("<?xml")
+    # Asked for a split that no file holds: an error, not a folder of notes.
+    val = CliRunner().invoke(analyzer, ["plot", str(results_only), "--out",
+                                        str(tmp_path / "val"), "--split", "val"])
+    assert val.exit_code == 1
+    assert val.stderr.strip() == ("Error: --split val: no file has Reaction results for it "
+                                  "(they have: train)")
+    assert not (tmp_path / "val").exists()
 
 
 def test_plot_command_refuses_a_missing_file_in_one_line(tmp_path, cli):
