@@ -49,7 +49,8 @@ def trainer() -> None:
                    "or mnist:DIR (IDX files).")
 @click.option("--test", "test_data", default=None,
               help="Folder of test images (same classes as --data). "
-                   "Default: MNIST's test files, or a fixed stratified 20% of --data.")
+                   "Default: MNIST's test files; the digits' fixed stratified 20%; none "
+                   "for a folder.")
 @click.option("--model", default="small", show_default=True,
               help="Zoo model (see 'trainer models').")
 @click.option("--epochs", default=1000, show_default=True, type=int)
