@@ -47,7 +47,7 @@ from store.model_files import (
 from store.results import (
     EpochResult,
     check_results_target,
-    computed_epochs,
+    computed_checkpoints,
     create_results_file,
     prepare_split,
     write_epoch_result,
@@ -270,10 +270,20 @@ def _prepare_results(path: Path, inputs: AnalysisInputs, epochs: list[int],
 
 def _pending(path: Path, splits: list[SplitData],
              checkpoints: list[CheckpointFile]) -> list[tuple[CheckpointFile, list[SplitData]]]:
-    """Each checkpoint with the splits whose results it still lacks."""
-    done = {split.name: computed_epochs(path, split.name) for split in splits}
+    """Each checkpoint with the splits whose results it still lacks.
+
+    A checkpoint whose results are stored is hashed again: if the file changed since (another
+    training run written over the folder), its stored results are stale and the run stops.
+    """
+    done = {split.name: computed_checkpoints(path, split.name) for split in splits}
     pending = []
     for checkpoint in checkpoints:
+        stored = {done[s.name][checkpoint.epoch] for s in splits
+                  if checkpoint.epoch in done[s.name]}
+        if stored and stored != {sha256_file(checkpoint.path)}:
+            raise InputError(f"{checkpoint.path} changed since its results were stored in "
+                             f"{path} (another SHA-256): write the results of the new "
+                             "checkpoints to another file with --out")
         todo = [s for s in splits if checkpoint.epoch not in done[s.name]]
         if todo:
             pending.append((checkpoint, todo))

@@ -193,14 +193,16 @@ def _restore_rows(group: h5py.Group, saved: dict[str, np.ndarray], known: list[i
         group[name][...] = data
 
 
-def computed_epochs(path: Path, split: str) -> set[int]:
-    """Epochs whose results for ``split`` are whole."""
+def computed_checkpoints(path: Path, split: str) -> dict[int, str]:
+    """The epochs whose results for ``split`` are whole, with the SHA-256 of the checkpoint
+    file each was computed from."""
     with open_for_reading(Path(path)) as handle:
         group = handle.get(f"{GROUP}/{split}")
         if group is None:
-            return set()
-        return {int(e) for e, done in zip(group["epoch"][()], group["computed"][()],
-                                          strict=True) if done}
+            return {}
+        rows = zip(group["epoch"][()], group["computed"][()], group["checkpoint_sha256"][()],
+                   strict=True)
+        return {int(epoch): sha.decode() for epoch, done, sha in rows if done}
 
 
 def write_epoch_result(path: Path, split: str, result: EpochResult) -> None:

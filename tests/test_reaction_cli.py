@@ -140,7 +140,7 @@ def test_a_rerun_skips_what_is_done_and_other_settings_are_refused(trained, tmp_
 @pytest.mark.parametrize("case", ["truncated", "wrong model", "no such layer", "pickle",
                                   "class count", "no epoch selected", "huge epoch range",
                                   "no such device", "lock cannot be opened",
-                                  "another run's file"])
+                                  "another run's file", "checkpoint replaced since"])
 def test_bad_input_is_one_line_and_earlier_results_stay(trained, tmp_path, cli, case):
     run = copy_run(trained, tmp_path)
     assert cli("analyzer", "reaction", "--ckpt-dir", str(run / "checkpoints"), "--epochs", "1",
@@ -173,6 +173,11 @@ def test_bad_input_is_one_line_and_earlier_results_stay(trained, tmp_path, cli, 
         (run / "run.h5.lock").unlink()
         (run / "run.h5.lock").mkdir()
         expected = "cannot write in"
+    elif case == "checkpoint replaced since":  # epoch 1's results are stored above
+        folder = run / "checkpoints"
+        (folder / "epoch_0001.safetensors").write_bytes(
+            (folder / "epoch_0002.safetensors").read_bytes())
+        expected = "epoch_0001.safetensors changed since its results were stored"
     elif case == "another run's file":  # same classes, other train/val images (seed 1)
         other = tmp_path / "other"
         assert cli("trainer", "run", "--out", str(other), "--epochs", "1", "--seed", "1",

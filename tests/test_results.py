@@ -9,7 +9,7 @@ from store.errors import InputError
 from store.results import (
     EpochResult,
     SplitImages,
-    computed_epochs,
+    computed_checkpoints,
     create_results_file,
     prepare_split,
     read_split_results,
@@ -39,7 +39,7 @@ def prepared(tmp_path, epochs=(1, 2, 3)):
 def test_rows_are_stored_and_only_computed_epochs_are_read(tmp_path):
     path = prepared(tmp_path)
     write_epoch_result(path, "train", result(2))
-    assert computed_epochs(path, "train") == {2}
+    assert set(computed_checkpoints(path, "train")) == {2}
     stored = read_split_results(path, "train")
     assert stored["epoch"].tolist() == [2]
     np.testing.assert_allclose(stored["image_reaction"][0], [0.2, 0.4, 0.0])
@@ -58,7 +58,7 @@ def test_growing_the_epoch_axis_keeps_earlier_results(tmp_path):
     assert stored["epoch"].tolist() == [20]
     np.testing.assert_allclose(stored["model_reaction"], [2.0])
     write_epoch_result(path, "train", result(5))
-    assert computed_epochs(path, "train") == {5, 20}
+    assert set(computed_checkpoints(path, "train")) == {5, 20}
 
 
 @pytest.mark.parametrize("setting", ["layer", "score", "target", "backend"])
