@@ -1,9 +1,12 @@
-"""Atomic file replacement: write beside the target, then rename over it.
+"""Writing files safely: atomic replacement, and one owner per folder.
 
-A reader never sees a half-written file, and a process killed mid-write leaves at most a
-``<name>.<random>.tmp`` file that the next writer removes. The new file gets the permissions
-any newly created file would get (``0o666`` less the umask), so collaborators who share a
-group folder can read the results: :func:`tempfile.mkstemp` alone would leave ``0o600``.
+Atomic replacement writes beside the target, then renames over it: a reader never sees a
+half-written file, and a process killed mid-write leaves at most a ``<name>.<random>.tmp`` file
+that the next writer removes. The new file gets the permissions any newly created file would
+get (``0o666`` less the umask), so collaborators who share a group folder can read the
+results: :func:`tempfile.mkstemp` alone would leave ``0o600``.
+
+:func:`folder_owned` keeps a second long-running writer (a second trainer) out of a folder.
 """
 
 from __future__ import annotations
