@@ -389,6 +389,10 @@ def _run(pending: list[tuple[CheckpointFile, list[SplitData]]],
             images, labels = on_device[split.name]
             per_image = _per_image(backend, images, labels, options.batch_size,
                                    len(inputs.class_names), loaded.checkpoint)
+            if not np.isfinite(per_image.loss).all():
+                tqdm.write(f"note: {loaded.checkpoint.path.name}: the network's outputs are not "
+                           f"finite on {split.name} images (diverged training?): its Reaction "
+                           "and loss are stored as NaN", file=sys.stderr)
             write_epoch_result(results_path, split.name, _epoch_result(
                 loaded, split, per_image, len(inputs.class_names), time.perf_counter() - began))
             images_done += len(labels)

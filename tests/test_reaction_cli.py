@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from store.checkpoints import load_checkpoint
+from store.checkpoints import load_checkpoint, save_checkpoint
 from store.datasets import open_source
 from store.runfile import read_run_info
 from tests.conftest import ROOT, script, write_rgb_classes
@@ -318,3 +318,20 @@ def test_a_tilde_in_a_data_folder_means_the_home_folder(tmp_path, monkeypatch):
 
     monkeypatch.setenv("HOME", str(tmp_path))
     assert parse_data_options(("train=~/siw13/train",)) == {"train": tmp_path / "siw13/train"}
+
+
+def test_a_diverged_checkpoint_is_stored_as_nan_with_a_note(trained, tmp_path, cli):
+    run = copy_run(trained, tmp_path)
+    path = run / "checkpoints" / "epoch_0002.safetensors"
+    tensors, metadata = load_checkpoint(path)
+    tensors["classifier.1.weight"][0, 0] = float("nan")  # the first dense layer
+    save_checkpoint(path, tensors, metadata)
+    result = cli("analyzer", "reaction", "--ckpt-dir", str(run / "checkpoints"), "--epochs",
+                 "1:2", "--splits", "val", "--out", str(tmp_path / "r.h5"), "-q")
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.strip().splitlines() == [
+        "note: epoch_0002.safetensors: the network's outputs are not finite on val images "
+        "(diverged training?): its Reaction and loss are stored as NaN"]
+    with h5py.File(tmp_path / "r.h5", "r") as handle:
+        loss = handle["reaction/val/loss"][()]
+    assert np.isfinite(loss[0]).all() and np.isnan(loss[1]).all()
