@@ -23,6 +23,7 @@ import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -53,6 +54,9 @@ from store.onnx_files import (
     read_onnx_contract,
     write_onnx_file,
 )
+
+if TYPE_CHECKING:
+    from analyzer.inputs import NetworkInputs
 
 OPSET = 18
 _EXAMPLE_BATCH = 2  # traced with a symbolic batch; 0 and 1 would be specialised
@@ -304,7 +308,6 @@ def export_checkpoints(options: ExportOptions, progress: bool = True) -> ExportS
     """Write ``epoch_NNNN.onnx`` for every selected checkpoint into ``options.out``."""
     from analyzer.inputs import find_run_file, resolve_network
     from analyzer.reaction import parse_epochs
-    from store.checkpoints import sha256_file
 
     checkpoints, ignored = discover_checkpoints(options.ckpt_dir, suffixes=TORCH_SUFFIXES)
     for path in ignored:
@@ -318,7 +321,22 @@ def export_checkpoints(options: ExportOptions, progress: bool = True) -> ExportS
         model=options.model, layer=options.layer, data={}, image_size=options.image_size,
         channels=options.channels, require_class_names=False)
     settings = ExportSettings(network.layer, options.score, options.target, options.with_maps)
+    created = not Path(options.out).exists()
     _make_folder(options.out)
+    try:
+        return _export_each(checkpoints, network, settings, options, progress)
+    except BaseException:
+        if created and not any(Path(options.out).iterdir()):
+            Path(options.out).rmdir()  # a failed first export leaves no empty folder behind
+        raise
+
+
+def _export_each(checkpoints: list[CheckpointFile], network: NetworkInputs,
+                 settings: ExportSettings,
+                 options: ExportOptions, progress: bool) -> ExportSummary:
+    """Write the ONNX file of each checkpoint whose file is missing or out of date."""
+    from store.checkpoints import sha256_file
+
     summary = ExportSummary(Path(options.out), [], [])
     exporter = None
     for checkpoint in tqdm(checkpoints, disable=not progress, unit="ckpt", dynamic_ncols=True):

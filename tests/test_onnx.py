@@ -441,3 +441,12 @@ def test_the_export_self_check_refuses_a_graph_that_does_not_reproduce_the_model
                          layer)
     with pytest.raises(InputError, match="does not reproduce the PyTorch backend"):
         _verify(payload, other, 1, (8, 8), 10)
+
+
+def test_a_failed_export_leaves_no_empty_output_folder(onnx_run, tmp_path):
+    out = tmp_path / "new" / "onnx"
+    result = run_cli("analyzer", "export-onnx", "--ckpt-dir", str(onnx_run / "checkpoints"),
+                     "--out", str(out), "--model", "mnist", "--image-size", "28x28", "-q")
+    assert result.returncode == 1
+    assert "weights do not fit the model" in result.stderr
+    assert not out.exists()
