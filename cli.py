@@ -11,7 +11,7 @@ from pathlib import Path
 
 import click
 
-from store.errors import InputError
+from store.errors import InputError, first_line
 
 
 def _user_errors(command: Callable) -> Callable:
@@ -32,8 +32,21 @@ def _user_errors(command: Callable) -> Callable:
                 raise
             where = f": {error.filename}" if error.filename else ""
             raise click.ClickException(f"{error.strerror or error}{where}") from None
+        except (MemoryError, RuntimeError) as error:  # torch reports allocation failures so
+            if not _out_of_memory(error) or os.environ.get("REACTION_DEBUG"):
+                raise
+            raise click.ClickException(
+                f"out of memory ({first_line(error)}): use a smaller "
+                "--batch-size or --image-size") from None
 
     return wrapper
+
+
+def _out_of_memory(error: BaseException) -> bool:
+    """True for a failed allocation: MemoryError, or torch's CPU and CUDA allocator errors."""
+    text = str(error)
+    return isinstance(error, MemoryError) or "can't allocate memory" in text \
+        or "out of memory" in text.lower()
 
 
 @click.group()

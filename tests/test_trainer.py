@@ -110,7 +110,7 @@ def test_a_folder_of_images_trains_at_the_requested_size(tmp_path, cli):
 
 
 @pytest.mark.parametrize("case", ["unknown model", "empty folder", "one class", "not an image",
-                                  "too small", "unwritable out", "bad size"])
+                                  "too small", "unwritable out", "bad size", "absurd size"])
 def test_bad_input_is_one_line_nonzero_exit_and_nothing_written(tmp_path, cli, case):
     data = tmp_path / "data"
     out = tmp_path / "out"
@@ -137,6 +137,9 @@ def test_bad_input_is_one_line_nonzero_exit_and_nothing_written(tmp_path, cli, c
     elif case == "bad size":
         args += ["--image-size", "50by200"]
         expected = "50by200"
+    elif case == "absurd size":  # 330 TB for the first dense layer, beyond any address space
+        args += ["--image-size", "400000x400000"]
+        expected = "out of memory"
     else:
         (tmp_path / "a_file").write_text("x")
         out = tmp_path / "a_file" / "out"
