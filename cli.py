@@ -206,13 +206,23 @@ def _split_list(text: str | None) -> list[str] | None:
                    "checkpoints converts each one in memory.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N.")
 @click.option("--batch-size", default=256, show_default=True, type=click.IntRange(1))
+@click.option("--follow", is_flag=True,
+              help="After the checkpoints already there, analyse each new one once it is "
+                   "complete (with a run file: committed there). Ends when the run file says "
+                   "training finished and all is analysed, after --idle, or on Ctrl-C.")
+@click.option("--idle", type=float, default=None, metavar="SECONDS",
+              help="With --follow: stop after this long without a new checkpoint (for a "
+                   "trainer that writes no run file).")
+@click.option("--poll", type=click.FloatRange(min=0.01), default=0.5, show_default=True,
+              metavar="SECONDS", help="With --follow: seconds between looks at the folder.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @_user_errors
 def analyzer_reaction(ckpt_dir: Path, run: Path | None, out: Path | None, model: str | None,
                       layer: str | None, data: tuple[str, ...], image_size: str | None,
                       channels: int | None, splits: str | None, epochs: str | None,
                       score: str | None, target: str | None, backend: str, device: str,
-                      batch_size: int, quiet: bool) -> None:
+                      batch_size: int, follow: bool, idle: float | None, poll: float,
+                      quiet: bool) -> None:
     """Reaction value of every image, class and checkpoint (docs/METHOD.md §2).
 
     \b
@@ -223,6 +233,9 @@ def analyzer_reaction(ckpt_dir: Path, run: Path | None, out: Path | None, model:
           --data train=siw13/train --data test=siw13/test --image-size 50x200 \\
           --out other/reaction.h5
       analyzer reaction --ckpt-dir runs/m4/onnx --run runs/m4/run.h5
+      analyzer reaction --ckpt-dir runs/m4/checkpoints --follow
+      analyzer reaction --ckpt-dir other/ckpts --model pkg:make --out other/r.h5 \\
+          --data train=siw13/train --follow --idle 600
     """
     from analyzer.inputs import parse_data_options
     from analyzer.reaction import ReactionOptions, compute_reaction
@@ -233,9 +246,18 @@ def analyzer_reaction(ckpt_dir: Path, run: Path | None, out: Path | None, model:
         data=parse_data_options(data),
         image_size=parse_image_size(image_size) if image_size else None, channels=channels,
         splits=_split_list(splits), epochs=epochs, score=score, target=target, device=device,
-        batch_size=batch_size, backend=backend)
-    path = compute_reaction(options, progress=not quiet)
-    click.echo(f"results: {path}")
+        batch_size=batch_size, backend=backend, follow=follow, idle=idle,
+        poll=poll)
+    summary = compute_reaction(options, progress=not quiet)
+    if summary.stopped:
+        click.echo(f"{summary.reason}: {summary.analysed} checkpoints stored whole; run the "
+                   "same command again to continue", err=True)
+        if not follow:  # a batch job that did not finish (a follower's stop is its end)
+            click.echo(f"results: {summary.path}")
+            sys.exit(130)
+    elif follow:
+        click.echo(f"{summary.reason}: {summary.analysed} checkpoints analysed", err=True)
+    click.echo(f"results: {summary.path}")
 
 
 @analyzer.command("export-onnx")

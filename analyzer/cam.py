@@ -1,6 +1,6 @@
 """Grad-CAM heat maps over the input images, a grid of images × epochs (docs/METHOD.md §3 item 5).
 
-The maps are the backend's own (:meth:`TorchBackend.compute` with ``keep_maps=True``): the
+The maps are the backend's own (``Backend.compute`` with ``keep_maps=True``): the
 same raw map, at the layer's resolution, whose Reaction ``analyzer reaction`` stores. Each
 cell's title therefore carries exactly the Reaction of that image at that epoch. Only for
 display is the map upsampled (bilinear) to the input size and laid over the image.
@@ -17,18 +17,11 @@ import torch
 from matplotlib import colormaps
 from matplotlib.figure import Figure
 
-from analyzer.inputs import find_run_file, resolve_inputs
-from analyzer.reaction import parse_epochs
-from analyzer.torch_backend import TorchBackend
+from analyzer.inputs import find_run_file
+from analyzer.pass_setup import PassRequest, set_up_pass
+from analyzer.plan import parse_epochs
 from store.errors import InputError
-from store.model_files import (
-    CheckpointFile,
-    discover_checkpoints,
-    load_weights_file,
-    strip_common_prefix,
-)
 from store.results import read_split_results, result_splits
-from trainer.train import resolve_device
 
 SCALES = ("cell", "shared")
 MAX_IMAGES = 64  # rows of the grid: beyond this the figure is unreadable and slow to draw
@@ -52,6 +45,7 @@ class CamOptions:
     score: str | None = None
     target: str | None = None
     device: str = "auto"
+    backend: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -117,88 +111,47 @@ def cam_epochs(available: Sequence[int], most: int = 5) -> list[int]:
 def compute_cam_grid(options: CamOptions) -> CamGrid:
     """Load each chosen checkpoint and compute the maps of the chosen images.
 
-    PyTorch checkpoints run on :class:`TorchBackend`; a folder of ONNX checkpoints exported
-    with their maps (``analyzer export-onnx --with-maps``) runs on ONNX Runtime.
+    The checkpoints, backend and settings are chosen as by ``analyzer reaction``
+    (:func:`analyzer.pass_setup.set_up_pass`), with the stored results' settings as defaults,
+    so each title shows the Reaction stored for that image and epoch. ONNX checkpoints need
+    their maps (``analyzer export-onnx --with-maps``).
     """
     if not 1 <= options.images <= MAX_IMAGES:
         raise InputError(f"--images must be 1 to {MAX_IMAGES} (one row of the figure each), "
                          f"got {options.images}")
-    checkpoints, _ = discover_checkpoints(options.ckpt_dir)
-    available = [c.epoch for c in checkpoints]
+    run_file = find_run_file(options.ckpt_dir, options.run)
+    stored = _stored_settings(run_file, options.split)
+    if options.model is not None:  # the stored layer belongs to the run's own model
+        stored.pop("layer", None)
+    analysis = set_up_pass(PassRequest(
+        ckpt_dir=options.ckpt_dir, run=options.run, model=options.model, layer=options.layer,
+        data=options.data, image_size=options.image_size, channels=options.channels,
+        splits=[options.split], score=options.score, target=options.target,
+        device=options.device, backend=options.backend), defaults=stored)
+    available = [c.epoch for c in analysis.checkpoints]
     wanted = parse_epochs(options.epochs, available) if options.epochs else \
         cam_epochs(available)
-    chosen = [c for c in checkpoints if c.epoch in wanted]
+    chosen = [c for c in analysis.checkpoints if c.epoch in wanted]
     if len(chosen) > MAX_EPOCHS:
         raise InputError(f"--epochs {options.epochs} selects {len(chosen)} checkpoints: the grid "
                          f"has at most {MAX_EPOCHS} columns (e.g. --epochs 1:1000:100)")
-    run_file = find_run_file(options.ckpt_dir, options.run)
-    if chosen[0].path.suffix.lower() == ".onnx":
-        inputs, device, backend_for = _onnx_backends(chosen[0], run_file, options)
-    else:
-        inputs, device, backend_for = _torch_backends(chosen[0], run_file, options)
+    inputs = analysis.inputs
     if not inputs.splits:
         raise InputError(f"the {options.split} split has no images")
-    split = inputs.splits[0]
+    split, device = inputs.splits[0], analysis.kind.setup.device
     rows = pick_images(split.identity.labels, options.images)
     images = torch.as_tensor(split.images[rows], device=device)
     labels = torch.as_tensor(split.identity.labels[rows], device=device)
     maps, reaction = [], []
     for checkpoint in chosen:
-        result = backend_for(checkpoint).compute(images, labels, keep_maps=True)
+        backend = analysis.kind.backend(analysis.kind.load(checkpoint))
+        result = backend.compute(images, labels, keep_maps=True)
         maps.append(result.cam.detach().cpu().numpy())
         reaction.append(result.reaction.detach().cpu().numpy())
     return CamGrid(split.images[rows], split.identity.labels[rows],
                    [split.identity.ids[i] for i in rows], rows, inputs.class_names,
                    [c.epoch for c in chosen], np.stack(maps, axis=1), np.stack(reaction, axis=1),
-                   split.name, inputs.layer)
-
-
-def _torch_backends(first: CheckpointFile, run_file: Path | None, options: CamOptions):
-    """Inputs, device, and checkpoint → backend with its weights, for PyTorch checkpoints."""
-    # The stored results' settings, so that the titles show the stored Reaction; their layer
-    # belongs to the run's own model, not to one given with --model.
-    stored = _stored_settings(run_file, options.split)
-    if options.model is not None:
-        stored.pop("layer", None)
-    inputs = resolve_inputs(first_checkpoint=first, run_file=run_file, model=options.model,
-                            layer=options.layer or stored.get("layer"), data=options.data,
-                            image_size=options.image_size, channels=options.channels,
-                            splits=[options.split])
-    device = resolve_device(options.device)
-    score = options.score or stored.get("score", "logit")
-    target = options.target or stored.get("target", "label")
-    backend = None if inputs.model is None else TorchBackend(inputs.model, inputs.layer, device,
-                                                             score, target)
-
-    def backend_for(checkpoint: CheckpointFile) -> TorchBackend:
-        nonlocal backend
-        backend = _with_weights(checkpoint, backend, inputs.layer, device, score, target)
-        return backend
-    return inputs, device, backend_for
-
-
-def _onnx_backends(first: CheckpointFile, run_file: Path | None, options: CamOptions):
-    """Inputs, device, and checkpoint → backend, for ONNX checkpoints (which fix the layer,
-    score and target they were exported with)."""
-    from analyzer.inputs import resolve_onnx_inputs
-    from analyzer.onnx_backend import OnnxBackend, onnx_device
-    from store.onnx_files import read_onnx_contract, read_onnx_file
-
-    contract = read_onnx_contract(first.path)
-    if not contract.with_maps:
-        raise InputError(f"{first.path.name} was exported without maps: export it again with "
-                         "'analyzer export-onnx --with-maps'")
-    for name, asked, exported in (("score", options.score, contract.score),
-                                  ("target", options.target, contract.target)):
-        if asked is not None and asked != exported:
-            raise InputError(f"the ONNX checkpoints were exported with {name}={exported}")
-    inputs = resolve_onnx_inputs(contract=contract, run_file=run_file, model=options.model,
-                                 layer=options.layer, data=options.data,
-                                 image_size=options.image_size, channels=options.channels,
-                                 splits=[options.split])
-    device = onnx_device(options.device)
-    return inputs, device, lambda checkpoint: OnnxBackend(read_onnx_file(checkpoint.path),
-                                                          device)
+                   split.name, analysis.spec.layer)
 
 
 def _stored_settings(run_file: Path | None, split: str) -> dict[str, str]:
@@ -206,21 +159,6 @@ def _stored_settings(run_file: Path | None, split: str) -> dict[str, str]:
     if run_file is None or split not in result_splits(run_file):
         return {}
     return dict(read_split_results(run_file, split)["settings"])
-
-
-def _with_weights(checkpoint: CheckpointFile, backend: TorchBackend | None, layer: str,
-                  device: torch.device, score: str, target: str) -> TorchBackend:
-    weights = load_weights_file(checkpoint.path)
-    if weights.module is not None:
-        return TorchBackend(weights.module, layer, device, score, target)
-    if weights.state_dict is None or backend is None:
-        raise InputError(f"{checkpoint.path.name}: cannot load it into the model: give --model")
-    try:
-        backend.load_weights(strip_common_prefix(weights.state_dict,
-                                                 set(backend.model.state_dict())))
-    except InputError as error:
-        raise InputError(f"{checkpoint.path.name}: {error}") from None
-    return backend
 
 
 def upsample(maps: np.ndarray, size: tuple[int, int]) -> np.ndarray:

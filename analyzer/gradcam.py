@@ -8,8 +8,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-SCORES = ("logit", "softmax")
-TARGETS = ("label", "pred")
+from store.spec import SCORES
 
 
 def target_scores(logits: Tensor, targets: Tensor, score: str = "logit") -> Tensor:

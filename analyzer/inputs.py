@@ -147,8 +147,8 @@ def resolve_onnx_inputs(*, contract: OnnxContract, run_file: Path | None, model:
     """Inputs for ONNX checkpoints: layer and input shape come from the files themselves."""
     if model is not None:
         raise InputError("--model does not apply to ONNX checkpoints: they carry their network")
-    if layer is not None and layer != contract.layer:
-        raise InputError(f"the ONNX checkpoints compute Grad-CAM at layer {contract.layer!r}: "
+    if layer is not None and layer != contract.spec.layer:
+        raise InputError(f"the ONNX checkpoints compute Grad-CAM at layer {contract.spec.layer!r}: "
                          f"export them again with 'analyzer export-onnx --layer {layer}'")
     if image_size is not None and tuple(image_size) != contract.image_size:
         raise InputError(f"the ONNX checkpoints take {_size(contract.image_size)} images, "
@@ -163,8 +163,8 @@ def resolve_onnx_inputs(*, contract: OnnxContract, run_file: Path | None, model:
     size, channels = contract.image_size, contract.channels
     split_data = (_folder_splits(data, class_names, channels, size, splits) if data
                   else _run_splits(info, channels, size, splits))
-    return AnalysisInputs(None, contract.layer, class_names, split_data, run_file,
-                          f"ONNX graph (layer {contract.layer})", size, channels)
+    return AnalysisInputs(None, contract.spec.layer, class_names, split_data, run_file,
+                          f"ONNX graph (layer {contract.spec.layer})", size, channels)
 
 
 def _size(size: tuple[int, int]) -> str:

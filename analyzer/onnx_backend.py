@@ -19,9 +19,21 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from analyzer.torch_backend import BatchResult
+from analyzer.backends import BackendKind, BackendSetup, BatchResult, LoadedCheckpoint
+from store.checkpoints import sha256_file
 from store.errors import InputError
-from store.onnx_files import CAM, EMPTY, IMAGES, LOGITS, REACTION, TARGETS, OnnxFile
+from store.model_files import CheckpointFile, load_weights_file
+from store.onnx_files import (
+    CAM,
+    EMPTY,
+    IMAGES,
+    LOGITS,
+    REACTION,
+    TARGETS,
+    OnnxContract,
+    OnnxFile,
+    read_onnx_file,
+)
 
 _ERRORS_ONLY, _FATAL_ONLY = 3, 4
 _CUDA, _CPU = "CUDAExecutionProvider", "CPUExecutionProvider"
@@ -113,7 +125,7 @@ def _cuda_requirement() -> str:
 
 def onnx_device(requested: str) -> torch.device:
     """Where the ONNX backend runs: ``auto`` → CUDA when ONNX Runtime can use it, else CPU."""
-    from trainer.train import resolve_device
+    from trainer.devices import resolve_device
 
     if requested == "auto":
         return torch.device("cuda" if cuda_usable() else "cpu")
@@ -205,3 +217,63 @@ def _session(file: OnnxFile, device: torch.device, threads: int | None = None):
         lines = str(error).strip().splitlines()
         raise InputError(f"ONNX checkpoint {file.path} cannot be loaded (corrupt, truncated or "
                          f"unsupported): {lines[0] if lines else type(error).__name__}") from None
+
+
+class OnnxKind(BackendKind):
+    """ONNX Runtime: ONNX checkpoints as they are, or PyTorch checkpoints converted on the fly
+    (the network's graph traced once, each checkpoint's weights swapped in).
+
+    The inference session is built by :meth:`load`, so it is ready when its turn comes.
+    """
+
+    name = "onnx"
+    native_suffixes = (".onnx",)
+    converts_torch = True
+
+    def __init__(self, setup: BackendSetup) -> None:
+        super().__init__(setup)
+        self._first: OnnxContract | None = None
+        self._exporter = None if setup.native else _exporter(setup)
+
+    @staticmethod
+    def device(requested: str) -> torch.device:
+        """See :func:`onnx_device`."""
+        return onnx_device(requested)
+
+    def load(self, checkpoint: CheckpointFile) -> LoadedCheckpoint:
+        """Read (or convert) the checkpoint and build its inference session."""
+        if self._exporter is None:
+            file = read_onnx_file(checkpoint.path)
+            self._first = self._first or file.contract
+            if not file.contract.same_computation(self._first):
+                raise InputError(f"{checkpoint.path.name} computes Reaction differently from "
+                                 "the first ONNX checkpoint (layer, score, target, input or "
+                                 "classes): analyse them separately")
+        else:
+            from analyzer.onnx_export import checkpoint_bytes
+
+            weights, sha = load_weights_file(checkpoint.path), sha256_file(checkpoint.path)
+            if weights.state_dict is None:
+                raise InputError(f"{checkpoint.path.name}: --backend onnx converts weights "
+                                 "files; analyse exported programs with --backend torch")
+            payload = checkpoint_bytes(self._exporter, checkpoint, weights.state_dict, sha)
+            file = OnnxFile(checkpoint.path, payload, sha, self._exporter.contract)
+        return LoadedCheckpoint(checkpoint, file.sha256, OnnxBackend(file, self.setup.device))
+
+    def backend(self, loaded: LoadedCheckpoint) -> OnnxBackend:
+        """The session built by :meth:`load`."""
+        return loaded.content
+
+
+def _exporter(setup: BackendSetup):
+    """The ONNX graph of the network, traced once, for PyTorch checkpoints."""
+    from analyzer.onnx_export import ExportSettings, ReactionGraphExporter
+
+    inputs = setup.inputs
+    if inputs.model is None:
+        raise InputError("--backend onnx needs the network: give --model, or use "
+                         "--backend torch for exported programs")
+    return ReactionGraphExporter(inputs.model, ExportSettings(setup.spec),
+                                 channels=inputs.channels,
+                                 image_size=inputs.image_size, class_names=inputs.class_names,
+                                 model_spec=inputs.model_spec)

@@ -54,6 +54,7 @@ from store.onnx_files import (
     read_onnx_contract,
     write_onnx_file,
 )
+from store.spec import ReactionSpec
 
 if TYPE_CHECKING:
     from analyzer.inputs import NetworkInputs
@@ -66,11 +67,9 @@ TORCH_SUFFIXES = tuple(s for s in CHECKPOINT_SUFFIXES if s != ".onnx")
 
 @dataclass(frozen=True)
 class ExportSettings:
-    """What the exported graph computes (see ``analyzer reaction --help``)."""
+    """What the exported graph computes, and whether it also outputs the raw maps."""
 
-    layer: str
-    score: str = "logit"
-    target: str = "label"
+    spec: ReactionSpec
     with_maps: bool = False
 
 
@@ -99,7 +98,8 @@ class ReactionGraphExporter:
 
     Args:
         model: the network (copied; the original is left alone).
-        settings: layer, score, target, and whether to output the maps.
+        settings: what the graph computes (layer, score, target, weighting), and whether it
+            outputs the maps.
         channels, image_size: the input the graph takes, ``[batch, channels, H, W]``.
         class_names: stored in the files' metadata when known.
         model_spec: the zoo spec JSON (``trainer models``), stored when the model is a zoo one.
@@ -111,8 +111,7 @@ class ReactionGraphExporter:
         self.settings = settings
         self.channels, self.image_size = channels, tuple(image_size)
         network = copy.deepcopy(model).cpu().float()
-        self.backend = TorchBackend(network, settings.layer, "cpu", settings.score,
-                                    settings.target)
+        self.backend = TorchBackend(network, settings.spec, "cpu")
         self._metadata = _file_metadata(settings, self.channels, self.image_size, class_names,
                                         model_spec)
         self._template, self._weight_names = _trace_and_export(
@@ -159,7 +158,7 @@ def _file_metadata(settings: ExportSettings, channels: int, image_size: tuple[in
     import json
 
     metadata = {"format": ONNX_FORMAT, "format_version": ONNX_FORMAT_VERSION,
-                "layer": settings.layer, "score": settings.score, "target": settings.target,
+                **settings.spec.attributes(),
                 "image_size": f"{image_size[0]}x{image_size[1]}", "channels": str(channels)}
     if class_names is not None:
         metadata["classes"] = json.dumps(list(class_names))
@@ -307,7 +306,7 @@ class ExportSummary:
 def export_checkpoints(options: ExportOptions, progress: bool = True) -> ExportSummary:
     """Write ``epoch_NNNN.onnx`` for every selected checkpoint into ``options.out``."""
     from analyzer.inputs import find_run_file, resolve_network
-    from analyzer.reaction import parse_epochs
+    from analyzer.plan import parse_epochs
 
     checkpoints, ignored = discover_checkpoints(options.ckpt_dir, suffixes=TORCH_SUFFIXES)
     for path in ignored:
@@ -320,7 +319,8 @@ def export_checkpoints(options: ExportOptions, progress: bool = True) -> ExportS
         first_checkpoint=checkpoints[0], run_file=find_run_file(options.ckpt_dir, options.run),
         model=options.model, layer=options.layer, data={}, image_size=options.image_size,
         channels=options.channels, require_class_names=False)
-    settings = ExportSettings(network.layer, options.score, options.target, options.with_maps)
+    settings = ExportSettings(ReactionSpec(network.layer, options.score, options.target),
+                              options.with_maps)
     created = not Path(options.out).exists()
     _make_folder(options.out)
     try:
@@ -393,9 +393,8 @@ def _up_to_date(path: Path, settings: ExportSettings, channels: int,
         contract = read_onnx_contract(path)
     except InputError:
         return False  # damaged or foreign: export it again
-    return (contract.layer, contract.score, contract.target, contract.with_maps,
-            contract.channels, contract.image_size,
+    return (contract.spec, contract.with_maps, contract.channels, contract.image_size,
             contract.metadata.get("format_version"),
             contract.metadata.get("source_sha256")) == (
-        settings.layer, settings.score, settings.target, settings.with_maps, channels,
-        tuple(image_size), ONNX_FORMAT_VERSION, source_sha256)
+        settings.spec, settings.with_maps, channels, tuple(image_size), ONNX_FORMAT_VERSION,
+        source_sha256)

@@ -13,23 +13,23 @@ from __future__ import annotations
 import contextlib
 import difflib
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
-from analyzer.gradcam import SCORES, TARGETS, grad_cam_map, reaction_from_map, target_scores
+from analyzer.backends import BackendKind, BackendSetup, BatchResult, LoadedCheckpoint
+from analyzer.gradcam import grad_cam_map, reaction_from_map, target_scores
+from store.checkpoints import sha256_file
 from store.errors import InputError
-
-
-@dataclass
-class BatchResult:
-    """What one batch yields: logits and, per image, the Reaction and empty-map flag."""
-
-    logits: Tensor
-    reaction: Tensor
-    empty: Tensor
-    cam: Tensor | None = None
+from store.model_files import (
+    CHECKPOINT_SUFFIXES,
+    CheckpointFile,
+    LoadedWeights,
+    load_weights_file,
+    strip_common_prefix,
+)
+from store.spec import ReactionSpec
+from trainer.devices import resolve_device
 
 
 def find_layer(model: nn.Module, name: str) -> nn.Module:
@@ -91,10 +91,9 @@ class TorchBackend:
 
     Args:
         model: any ``nn.Module`` classifier returning logits ``[B, classes]``.
-        layer: qualified name of the target layer (``model.named_modules()``).
+        spec: what is computed: the target layer (qualified name in
+            ``model.named_modules()``), score, target and weighting.
         device: where the model runs; images passed to :meth:`compute` must be there.
-        score: ``"logit"`` (default) or ``"softmax"``.
-        target: ``"label"`` (the true class, default) or ``"pred"`` (the predicted class).
         channels_last: on a CPU, run the model and the images in the channels-last memory
             format (faster convolutions; only for models that never ``.view()`` a feature map,
             such as the zoo's).
@@ -102,21 +101,15 @@ class TorchBackend:
 
     name = "torch"
 
-    def __init__(self, model: nn.Module, layer: str, device: str | torch.device = "cpu",
-                 score: str = "logit", target: str = "label",
+    def __init__(self, model: nn.Module, spec: ReactionSpec, device: str | torch.device = "cpu",
                  channels_last: bool = False) -> None:
-        if score not in SCORES:
-            raise InputError(f"score must be one of {', '.join(SCORES)}, got {score!r}")
-        if target not in TARGETS:
-            raise InputError(f"target must be one of {', '.join(TARGETS)}, got {target!r}")
+        self.spec = spec
         self.device = torch.device(device)
         self.channels_last = channels_last and self.device.type == "cpu"
         memory_format = torch.channels_last if self.channels_last else torch.preserve_format
         self.model = model.to(self.device, memory_format=memory_format)
-        self.layer = layer
-        self.module = find_layer(model, layer)
-        self.score = score
-        self.target = target
+        self.layer = spec.layer
+        self.module = find_layer(model, spec.layer)
         self._bytes_per_image: dict[tuple[int, ...], int] = {}
 
     def load_weights(self, state_dict: dict[str, Tensor]) -> None:
@@ -171,8 +164,8 @@ class TorchBackend:
                 logits = self.model(images)
                 if capture.activation is None:
                     raise InputError(f"layer {self.layer!r} was not used by the forward pass")
-                targets = labels if self.target == "label" else logits.argmax(dim=1)
-                scores = target_scores(logits, targets, self.score)
+                targets = labels if self.spec.target == "label" else logits.argmax(dim=1)
+                scores = target_scores(logits, targets, self.spec.score)
                 gradients = _gradient(scores, capture.activation)
         finally:
             handle.remove()
@@ -217,3 +210,49 @@ def _describe_mismatch(missing: list[str], unexpected: list[str], wrong_shape: l
             shown = ", ".join(keys[:5]) + (f" (+{len(keys) - 5} more)" if len(keys) > 5 else "")
             parts.append(f"{label}: {shown}")
     return "; ".join(parts)
+
+
+_TORCH_SUFFIXES = tuple(s for s in CHECKPOINT_SUFFIXES if s != ".onnx")
+
+
+class TorchKind(BackendKind):
+    """PyTorch checkpoints (weights, or ``.pt2`` programs) on a :class:`TorchBackend`.
+
+    Weights are loaded into one network kept for the whole pass (built once); a checkpoint
+    that carries its own network (``.pt2``) gets a backend of its own.
+    """
+
+    name = "torch"
+    native_suffixes = _TORCH_SUFFIXES
+
+    def __init__(self, setup: BackendSetup) -> None:
+        super().__init__(setup)
+        model = setup.inputs.model
+        self._shared = None if model is None else TorchBackend(
+            model, setup.spec, setup.device,
+            channels_last=setup.inputs.model_spec is not None)  # zoo models only
+
+    @staticmethod
+    def device(requested: str) -> torch.device:
+        """``auto`` → CUDA when torch sees a GPU, else the CPU."""
+        return resolve_device(requested)
+
+    def load(self, checkpoint: CheckpointFile) -> LoadedCheckpoint:
+        """Read the weights (or program) and hash the file."""
+        return LoadedCheckpoint(checkpoint, sha256_file(checkpoint.path),
+                                load_weights_file(checkpoint.path))
+
+    def backend(self, loaded: LoadedCheckpoint) -> TorchBackend:
+        """The shared network with this checkpoint's weights, or its own program."""
+        weights: LoadedWeights = loaded.content
+        name = loaded.checkpoint.path.name
+        if weights.module is not None:
+            return TorchBackend(weights.module, self.setup.spec, self.setup.device)
+        if weights.state_dict is None or self._shared is None:
+            raise InputError(f"{name}: cannot load it into the model: give --model")
+        expected = set(self._shared.model.state_dict())
+        try:
+            self._shared.load_weights(strip_common_prefix(weights.state_dict, expected))
+        except InputError as error:
+            raise InputError(f"{name}: {error}") from None
+        return self._shared

@@ -45,6 +45,7 @@ from analyzer.onnx_backend import OnnxBackend, cuda_usable  # noqa: E402
 from analyzer.onnx_export import ExportSettings, ReactionGraphExporter  # noqa: E402
 from analyzer.torch_backend import TorchBackend  # noqa: E402
 from store.onnx_files import OnnxFile  # noqa: E402
+from store.spec import ReactionSpec  # noqa: E402
 from tests.test_onnx import (  # noqa: E402
     REL_TOL,
     assert_reactions_agree,
@@ -166,14 +167,15 @@ def speed(device: str, onnx_on_device: bool, count: int, batch: int) -> list[str
     """Model IV on ``device``: torch backend vs ONNX Runtime backend; the problems."""
     model = random_model("model4")
     layer = gradcam_layer("model4")
-    exporter = ReactionGraphExporter(model, ExportSettings(layer), channels=1,
+    exporter = ReactionGraphExporter(model, ExportSettings(ReactionSpec(layer)), channels=1,
                                      image_size=IMAGE_SIZE)
     exporter.load_weights(model.state_dict())
     file = OnnxFile(Path("model4.onnx"), exporter.model_bytes(), "", exporter.contract)
     generator = torch.Generator().manual_seed(1)
     images = torch.rand(count, 1, *IMAGE_SIZE, generator=generator).to(device)
     labels = torch.randint(0, 13, (count,), generator=generator).to(device)
-    backend = TorchBackend(model, layer, device, channels_last=True)  # as analyzer does for zoo
+    # channels-last, as the analyzer does for zoo models
+    backend = TorchBackend(model, ReactionSpec(layer), device, channels_last=True)
     torch_rate, torch_reaction, torch_empty = timed(backend.compute, images, labels, batch,
                                                     device)
     print(f"model4, {count} images, batch {batch}, on {device}:")

@@ -66,6 +66,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from analyzer.gradcam import grad_cam_map, reaction_from_map
 from analyzer.torch_backend import TorchBackend, find_layer
+from store.spec import ReactionSpec
 from trainer.models import ModelSpec, build_model, gradcam_layer
 
 IMAGE_SIZE = (50, 200)
@@ -171,7 +172,8 @@ class Ours(Method):
     def __init__(self, model: nn.Module, layer: str) -> None:
         super().__init__(model, layer)
         # as `analyzer reaction` runs zoo models; on its own copy, so peers keep their layout
-        self.backend = TorchBackend(copy.deepcopy(model), layer, "cpu", channels_last=True)
+        self.backend = TorchBackend(copy.deepcopy(model), ReactionSpec(layer), "cpu",
+                                    channels_last=True)
 
     def run(self, images: Tensor, labels: Tensor) -> None:
         self.backend.compute(images, labels)
@@ -198,7 +200,8 @@ class OnnxOurs(Method):
         super().__init__(model, layer)
         key = (id(model), layer)
         if key not in _EXPORTED:
-            exporter = ReactionGraphExporter(model, ExportSettings(layer, with_maps=True),
+            settings = ExportSettings(ReactionSpec(layer), with_maps=True)
+            exporter = ReactionGraphExporter(model, settings,
                                              channels=1, image_size=IMAGE_SIZE)
             exporter.load_weights(model.state_dict())
             _EXPORTED[key] = OnnxFile(Path("bench.onnx"), exporter.model_bytes(), "",

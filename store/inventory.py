@@ -11,7 +11,7 @@ import numpy as np
 
 from store.errors import InputError
 from store.h5io import open_for_reading
-from store.results import SETTINGS
+from store.results import stored_settings
 from store.series import WRITABLE_FORMATS, read_extract
 
 
@@ -70,7 +70,7 @@ def _reaction(group: h5py.Group) -> dict:
         "first_epoch": int(done.min()) if done.size else None,
         "last_epoch": int(done.max()) if done.size else None,
         "images": int(group["image"].shape[0]),
-        "settings": {name: str(group.attrs.get(name, "")) for name in SETTINGS},
+        "settings": stored_settings(group),
         "devices": json.loads(group.attrs.get("devices", "[]")),
         "empty_maps": int(np.clip(group["empty_maps"][()], 0, None).sum()),
     }

@@ -17,6 +17,7 @@ from pathlib import Path, PurePath
 
 from store.errors import InputError
 from store.files import write_atomically
+from store.spec import SPEC_KEYS, ReactionSpec
 
 ONNX_FORMAT = "reaction-onnx"
 ONNX_FORMAT_VERSION = "1.0"
@@ -27,7 +28,7 @@ EXPORT_HINT = ("export the PyTorch checkpoints with 'analyzer export-onnx --ckpt
 # ONNX TensorProto element types used by the contract.
 _FLOAT, _INT64, _BOOL = 1, 7, 9
 # Settings that decide what a file computes: a file is re-exported when one of them changes.
-SETTING_KEYS = ("format_version", "layer", "score", "target", "with_maps", "source_sha256")
+SETTING_KEYS = ("format_version", *SPEC_KEYS, "with_maps", "source_sha256")
 
 
 def onnx_name(epoch: int) -> str:
@@ -39,9 +40,7 @@ def onnx_name(epoch: int) -> str:
 class OnnxContract:
     """What an accepted ONNX checkpoint computes, read from its graph and metadata."""
 
-    layer: str
-    score: str
-    target: str
+    spec: ReactionSpec
     channels: int
     image_size: tuple[int, int]
     num_classes: int
@@ -52,9 +51,8 @@ class OnnxContract:
 
     def same_computation(self, other: OnnxContract) -> bool:
         """True when both files compute Reaction the same way on the same inputs."""
-        return (self.layer, self.score, self.target, self.channels, self.image_size,
-                self.num_classes) == (other.layer, other.score, other.target, other.channels,
-                                      other.image_size, other.num_classes)
+        return (self.spec, self.channels, self.image_size, self.num_classes) == (
+            other.spec, other.channels, other.image_size, other.num_classes)
 
 
 @dataclass
@@ -113,20 +111,19 @@ def contract_of(model, path: Path) -> OnnxContract:
     for key in ("layer", "score", "target"):
         if not metadata.get(key):
             raise InputError(f"{path.name} lacks the {key!r} metadata entry (docs/ONNX.md)")
-    if metadata["score"] not in ("logit", "softmax") or metadata["target"] not in ("label",
-                                                                                   "pred"):
-        raise InputError(f"{path.name}: score must be logit or softmax and target label or "
-                         f"pred, got {metadata['score']!r} and {metadata['target']!r}")
+    try:
+        spec = ReactionSpec.from_attributes(metadata)
+    except InputError as error:
+        raise InputError(f"{path.name}: {error}") from None
     channels, height, width = _image_shape(inputs, path)
-    if metadata["target"] == "label":
+    if spec.target == "label":
         _expect(inputs, TARGETS, _INT64, ["batch"], path)
     num_classes = _expect(outputs, LOGITS, _FLOAT, ["batch", None], path)[1]
     _expect(outputs, REACTION, _FLOAT, ["batch"], path)
     _expect(outputs, EMPTY, _BOOL, ["batch"], path)
     if CAM in outputs:
         _expect(outputs, CAM, _FLOAT, ["batch", None, None], path)
-    return OnnxContract(layer=metadata["layer"], score=metadata["score"],
-                        target=metadata["target"], channels=channels,
+    return OnnxContract(spec=spec, channels=channels,
                         image_size=(height, width), num_classes=num_classes,
                         with_maps=CAM in outputs, class_names=_class_names(metadata, path),
                         epoch=_optional_int(metadata, "epoch", path), metadata=metadata)

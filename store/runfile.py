@@ -32,7 +32,7 @@ from store.h5io import (
 )
 
 FORMAT_NAME = "reaction-run"
-FORMAT_VERSION = "1.0"
+FORMAT_VERSION = "1.1"
 RUN_FILE = "run.h5"
 TRAINER_LOCK = ".trainer.lock"  # held by the trainer that owns the run folder
 CHECKPOINT_DIR = "checkpoints"
@@ -176,6 +176,26 @@ def read_run_info(path: Path) -> RunInfo:
                            epochs=int(handle["training/epoch"].shape[0]),
                            completed_epochs=int(handle["training/completed_epochs"][()]))
         except (KeyError, ValueError) as error:
+            raise InputError(f"run file {path} is incomplete or damaged: {error}") from None
+
+
+@dataclass(frozen=True)
+class RunProgress:
+    """How far a run is: planned and committed epochs, and whether training has finished."""
+
+    epochs: int
+    completed_epochs: int
+    finished: bool
+
+
+def read_run_progress(path: Path) -> RunProgress:
+    """Read only what a follower polls: three values, whatever the length of the run."""
+    with open_for_reading(Path(path)) as handle:
+        try:
+            return RunProgress(int(handle["training/epoch"].shape[0]),
+                               int(handle["training/completed_epochs"][()]),
+                               bool(handle["provenance"].attrs.get("finished", "")))
+        except KeyError as error:
             raise InputError(f"run file {path} is incomplete or damaged: {error}") from None
 
 

@@ -26,6 +26,7 @@ from store.model_files import (
     load_weights_file,
     strip_common_prefix,
 )
+from store.spec import ReactionSpec
 from trainer.models import ConvNet, ModelSpec, build_model, gradcam_layer
 
 SPEC = ModelSpec("small", 1, (8, 8), 10)
@@ -273,8 +274,8 @@ def test_hook_on_an_exported_submodule_fires_and_its_output_replaces_the_layer(e
 
 def test_grad_cam_backend_gives_the_same_reaction_on_the_exported_program(exported_file):
     batch, labels = images(6), torch.arange(6)
-    eager = TorchBackend(small_model(), LAYER).compute(batch, labels, keep_maps=True)
-    exported = TorchBackend(load_weights_file(exported_file).module, LAYER).compute(
+    eager = TorchBackend(small_model(), ReactionSpec(LAYER)).compute(batch, labels, keep_maps=True)
+    exported = TorchBackend(load_weights_file(exported_file).module, ReactionSpec(LAYER)).compute(
         batch, labels, keep_maps=True)
     torch.testing.assert_close(exported.logits, eager.logits)
     torch.testing.assert_close(exported.cam, eager.cam)

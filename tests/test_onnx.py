@@ -33,6 +33,7 @@ from store.errors import InputError
 from store.model_files import CheckpointFile, discover_checkpoints
 from store.onnx_files import read_onnx_file
 from store.runfile import read_run_info
+from store.spec import ReactionSpec
 from tests.conftest import run_cli, write_rgb_classes
 from tests.test_reaction_cli import FOREIGN_MODULE
 from trainer.models import ModelSpec, build_model, gradcam_layer
@@ -217,18 +218,19 @@ def test_any_batch_size_gives_the_same_results(onnx_run):
 def test_score_and_target_variants_and_maps_match_the_torch_backend(onnx_run, score, target):
     model = checkpoint_model(onnx_run / "checkpoints" / "epoch_0003.safetensors")
     layer = gradcam_layer("small")
-    exporter = ReactionGraphExporter(model, ExportSettings(layer, score, target, True),
+    settings = ExportSettings(ReactionSpec(layer, score, target), True)
+    exporter = ReactionGraphExporter(model, settings,
                                      channels=1, image_size=(8, 8))
     exporter.load_weights(model.state_dict())
     path = Path("epoch_0003.onnx")
     payload = exporter.model_bytes(epoch=3)
     contract = exporter.contract
-    assert (contract.score, contract.target, contract.with_maps) == (score, target, True)
+    assert (contract.spec.score, contract.spec.target, contract.with_maps) == (score, target, True)
     from store.onnx_files import OnnxFile
     backend = OnnxBackend(OnnxFile(path, payload, "", contract))
     images, labels = digits_split(onnx_run, "train")
     got = backend.compute(images, labels, keep_maps=True)
-    want = TorchBackend(model, layer, "cpu", score, target).compute(images, labels,
+    want = TorchBackend(model, ReactionSpec(layer, score, target), "cpu").compute(images, labels,
                                                                      keep_maps=True)
     torch.testing.assert_close(got.logits, want.logits, rtol=REL_TOL, atol=1e-5)
     targets = labels if target == "label" else want.logits.argmax(dim=1)
@@ -420,7 +422,7 @@ def test_backend_onnx_converts_pytorch_checkpoints_in_memory_to_the_same_results
     from_files = compute_reaction(ReactionOptions(ckpt_dir=onnx_run / "checkpoints",
                                                   out=tmp_path / "files.h5", **common),
                                   progress=False)
-    with h5py.File(converted, "r") as ours, h5py.File(from_files, "r") as files:
+    with h5py.File(converted.path, "r") as ours, h5py.File(from_files.path, "r") as files:
         assert ours["reaction/val"].attrs["backend"] == "onnx"
         assert [n.decode() for n in ours["reaction/val/checkpoint_file"][()]] == [
             "epoch_0001.safetensors", "epoch_0002.safetensors"]
@@ -435,10 +437,10 @@ def test_the_export_self_check_refuses_a_graph_that_does_not_reproduce_the_model
     payload = (onnx_run / "checkpoints" / "epoch_0003.onnx").read_bytes()
     layer = gradcam_layer("small")
     same = TorchBackend(checkpoint_model(onnx_run / "checkpoints" / "epoch_0003.safetensors"),
-                        layer)
+                        ReactionSpec(layer))
     _verify(payload, same, 1, (8, 8), 10)
     other = TorchBackend(checkpoint_model(onnx_run / "checkpoints" / "epoch_0001.safetensors"),
-                         layer)
+                         ReactionSpec(layer))
     with pytest.raises(InputError, match="does not reproduce the PyTorch backend"):
         _verify(payload, other, 1, (8, 8), 10)
 

@@ -15,10 +15,11 @@ from store.results import (
     read_split_results,
     write_epoch_result,
 )
+from store.spec import ReactionSpec
 
 CLASSES = ["a", "b"]
 IMAGES = SplitImages(["a/1.png", "b/2.png", "b/3.png"], np.array([0, 1, 1]))
-SETTINGS = {"layer": "features.5", "score": "logit", "target": "label", "backend": "torch"}
+SETTINGS = {**ReactionSpec("features.5").attributes(), "backend": "torch"}
 
 
 def result(epoch: int) -> EpochResult:

@@ -47,13 +47,14 @@ from store.series import (
     series_names,
     write_extract,
 )
+from store.spec import ReactionSpec
 
 CLASSES = ["a", "b"]
 VAL_LOSS = [2.0, 1.0, 0.9, 0.5, 0.6, 0.7]
 REACTION = {1: 1.0, 2: 5.0, 4: 2.0, 5: 3.0, 6: 2.5}
 TEST_LABELS = np.array([0, 0, 1, 1])
 TEST_RIGHT = [1, 2, 3, 4, 3, 2]  # images predicted right at epochs 1-6
-SETTINGS = {"layer": "features.5", "score": "logit", "target": "label", "backend": "torch"}
+SETTINGS = {**ReactionSpec("features.5").attributes(), "backend": "torch"}
 
 
 def reaction_row(epoch: int, model_reaction: float, prediction: np.ndarray) -> EpochResult:

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from analyzer.torch_backend import TorchBackend, find_layer
 from store.errors import InputError
+from store.spec import ReactionSpec
 from trainer.models import ModelSpec, build_model, gradcam_layer
 
 # A map entry this close to zero, relative to the map's largest |value|, is within float32
@@ -229,7 +230,7 @@ CHECKPOINT_SEEDS = (11, 12, 13)
 
 
 def _backend(case: Case, **options: str) -> TorchBackend:
-    return TorchBackend(case.build(), case.layer, **options)
+    return TorchBackend(case.build(), ReactionSpec(case.layer, **options))
 
 
 # ---- Reaction equals the float64 per-image loop ----------------------------------------------
@@ -342,7 +343,7 @@ HAND_IMAGES = torch.tensor([
 def test_two_channel_network_gives_the_hand_derived_map_and_reaction(
         image: int, label: int, logits: list[float], cam: list[list[float]], reaction: float,
         empty: bool) -> None:
-    backend = TorchBackend(TwoChannelNet(), "layer")
+    backend = TorchBackend(TwoChannelNet(), ReactionSpec("layer"))
     result = backend.compute(HAND_IMAGES[image:image + 1], torch.tensor([label]), keep_maps=True)
     assert result.logits.tolist() == [logits]
     assert result.cam is not None
@@ -352,7 +353,7 @@ def test_two_channel_network_gives_the_hand_derived_map_and_reaction(
 
 
 def test_two_channel_network_batch_gives_each_image_its_hand_derived_reaction() -> None:
-    backend = TorchBackend(TwoChannelNet(), "layer")
+    backend = TorchBackend(TwoChannelNet(), ReactionSpec("layer"))
     images = torch.cat([HAND_IMAGES, HAND_IMAGES])
     result = backend.compute(images, torch.tensor([0, 0, 1, 1]))
     assert result.reaction.tolist() == pytest.approx([7.0 / 3.0, 3.0, 0.0, 0.0], rel=1e-7)
@@ -360,7 +361,7 @@ def test_two_channel_network_batch_gives_each_image_its_hand_derived_reaction() 
 
 
 def test_keep_maps_false_returns_no_map() -> None:
-    backend = TorchBackend(TwoChannelNet(), "layer")
+    backend = TorchBackend(TwoChannelNet(), ReactionSpec("layer"))
     assert backend.compute(HAND_IMAGES, torch.tensor([0, 0])).cam is None
 
 
@@ -378,7 +379,7 @@ class LayerOffThePath(nn.Module):
 
 
 def test_a_score_that_does_not_depend_on_the_layer_gives_empty_maps() -> None:
-    backend = TorchBackend(LayerOffThePath(), "layer")
+    backend = TorchBackend(LayerOffThePath(), ReactionSpec("layer"))
     result = backend.compute(HAND_IMAGES, torch.tensor([0, 1]))
     assert result.reaction.tolist() == [0.0, 0.0]
     assert result.empty.tolist() == [True, True]
@@ -424,8 +425,8 @@ def test_softmax_score_empties_maps_of_a_confident_network_where_the_logit_does_
     with torch.no_grad():
         predicted = copy.deepcopy(model).eval()(images).argmax(dim=1)
 
-    by_logit = TorchBackend(model, layer, score="logit").compute(images, predicted)
-    by_softmax = TorchBackend(model, layer, score="softmax").compute(images, predicted)
+    by_logit = TorchBackend(model, ReactionSpec(layer)).compute(images, predicted)
+    by_softmax = TorchBackend(model, ReactionSpec(layer, "softmax")).compute(images, predicted)
 
     probabilities = torch.softmax(by_logit.logits, dim=1)
     saturated = (probabilities.max(dim=1).values == 1.0) & (
@@ -492,7 +493,7 @@ def test_an_in_place_op_after_the_layer_does_not_corrupt_its_activations(
         act_ref: Callable[[], nn.Module], after_ref: Callable[[], nn.Module]) -> None:
     # Trained out of place: autograd refuses `x += 1` on a ReLU output it saved for backward.
     checkpoint = make_checkpoint(lambda: InPlaceNet(act_ref(), after_ref()), (3, 8, 8), 5, 71)
-    backend = TorchBackend(InPlaceNet(act(), after()), layer)
+    backend = TorchBackend(InPlaceNet(act(), after()), ReactionSpec(layer))
     backend.load_weights(checkpoint)
     out_of_place = InPlaceNet(act_ref(), after_ref())
     out_of_place.load_state_dict(checkpoint)
@@ -516,7 +517,7 @@ def test_unknown_layer_is_an_input_error_listing_close_names() -> None:
     with pytest.raises(InputError, match=r"'featres\.5'.*features\.5"):
         find_layer(model, "featres.5")
     with pytest.raises(InputError, match="featres"):
-        TorchBackend(model, "featres.5")
+        TorchBackend(model, ReactionSpec("featres.5"))
 
 
 def test_the_empty_name_is_not_a_layer() -> None:
@@ -532,27 +533,27 @@ def test_find_layer_returns_the_named_sub_module() -> None:
 def test_a_layer_whose_output_is_not_a_feature_map_is_an_input_error() -> None:
     model = build_model(ModelSpec("small", 1, (8, 8), 10))
     images, labels = random_batch(4, (1, 8, 8), 10, 81)
-    backend = TorchBackend(model, "classifier.1")
+    backend = TorchBackend(model, ReactionSpec("classifier.1"))
     with pytest.raises(InputError, match=r"classifier\.1"):
         backend.compute(images, labels)
     # The hook is gone: the model and a correct backend still work afterwards.
     model.eval()
     assert model(images).shape == (4, 10)
-    assert TorchBackend(model, gradcam_layer("small")).compute(images, labels).reaction.shape == (
-        4,)
+    backend = TorchBackend(model, ReactionSpec(gradcam_layer("small")))
+    assert backend.compute(images, labels).reaction.shape == (4,)
 
 
 def test_a_layer_the_forward_pass_does_not_use_is_an_input_error() -> None:
     model = build_model(ModelSpec("small", 1, (8, 8), 10))
     model.unused = nn.Conv2d(1, 1, 1)
     with pytest.raises(InputError, match="unused"):
-        TorchBackend(model, "unused").compute(*random_batch(2, (1, 8, 8), 10, 82))
+        TorchBackend(model, ReactionSpec("unused")).compute(*random_batch(2, (1, 8, 8), 10, 82))
 
 
 @pytest.mark.parametrize(("score", "target"), [("probability", "label"), ("logit", "truth")])
 def test_unknown_score_or_target_is_an_input_error(score: str, target: str) -> None:
     with pytest.raises(InputError):
-        TorchBackend(TwoChannelNet(), "layer", score=score, target=target)
+        ReactionSpec("layer", score=score, target=target)
 
 
 def _mismatched(kind: str) -> tuple[dict[str, Tensor], list[str]]:
@@ -576,7 +577,8 @@ def _mismatched(kind: str) -> tuple[dict[str, Tensor], list[str]]:
 
 @pytest.mark.parametrize("kind", ["missing", "unexpected", "wrong shape", "all three"])
 def test_load_weights_names_the_keys_that_do_not_fit(kind: str) -> None:
-    backend = TorchBackend(build_model(ModelSpec("small", 1, (8, 8), 10)), gradcam_layer("small"))
+    backend = TorchBackend(build_model(ModelSpec("small", 1, (8, 8), 10)),
+                           ReactionSpec(gradcam_layer("small")))
     before = {key: value.clone() for key, value in backend.model.state_dict().items()}
     state, words = _mismatched(kind)
     with pytest.raises(InputError) as raised:
@@ -610,7 +612,7 @@ def test_channels_last_on_cpu_gives_the_default_layouts_results(case_name: str) 
     images, labels = random_batch(60, case.input_shape, case.classes, 61)
     default = _backend(case)
     default.load_weights(weights)
-    fast = TorchBackend(case.build(), case.layer, "cpu", channels_last=True)
+    fast = TorchBackend(case.build(), ReactionSpec(case.layer), "cpu", channels_last=True)
     fast.load_weights(weights)
     assert fast.channels_last
     expected, got = default.compute(images, labels), fast.compute(images, labels)

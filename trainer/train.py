@@ -55,6 +55,7 @@ from store.runfile import (
     update_provenance,
     write_epoch,
 )
+from store.spec import ReactionSpec
 from trainer.models import ModelSpec, build_model, default_image_size, gradcam_layer
 
 _PACKAGES = ("reaction", "torch", "numpy", "h5py", "safetensors", "scikit-learn")
@@ -309,7 +310,8 @@ def _save_onnx(session: _Session, folder: Path, epoch: int, source_file: str,
 
     if session.onnx_exporter is None:
         session.onnx_exporter = ReactionGraphExporter(
-            session.model, ExportSettings(gradcam_layer(session.config.model)),
+            session.model, ExportSettings(ReactionSpec(gradcam_layer(session.config.model)),
+                                          with_maps=True),  # so `analyzer cam` can use them
             channels=session.config.channels, image_size=session.image_size,
             class_names=json.loads(session.metadata["classes"]),
             model_spec=session.metadata["model"])
