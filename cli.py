@@ -373,13 +373,17 @@ def analyzer_plot(run_files: tuple[Path, ...], out: Path, smooth: int, image_for
 @click.option("--scale", type=click.Choice(["cell", "shared"]), default="cell",
               show_default=True,
               help="Colour scale: each map to its own maximum, or one for the grid.")
+@click.option("--backend", type=click.Choice(["auto", "torch", "onnx"]), default="auto",
+              show_default=True,
+              help="As for 'analyzer reaction' (auto: the ONNX files where the folder has "
+                   "them), so the titles show the values it stores.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N.")
 @click.option("--dpi", default=100, show_default=True, type=click.IntRange(30, 600))
 @_user_errors
 def analyzer_cam(ckpt_dir: Path, epochs: str | None, images: int, out: Path, split: str,
                  run: Path | None, model: str | None, layer: str | None, data: tuple[str, ...],
-                 image_size: str | None, channels: int | None, scale: str, device: str,
-                 dpi: int) -> None:
+                 image_size: str | None, channels: int | None, scale: str, backend: str,
+                 device: str, dpi: int) -> None:
     """Grad-CAM heat maps over the input images, images x epochs (docs/METHOD.md §3).
 
     Each cell is titled with the class, the epoch and the image's Reaction (the value
@@ -399,7 +403,7 @@ def analyzer_cam(ckpt_dir: Path, epochs: str | None, images: int, out: Path, spl
         ckpt_dir=ckpt_dir, epochs=epochs, images=images, split=split, run=run, model=model,
         layer=layer, data=parse_data_options(data),
         image_size=parse_image_size(image_size) if image_size else None, channels=channels,
-        device=device))
+        device=device, backend=backend))
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         cam_figure(grid, scale).savefig(out, dpi=dpi)

@@ -11,6 +11,7 @@ import random
 import shutil
 import signal
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -73,6 +74,53 @@ def post_hoc(run: Path, tmp_path: Path, *extra: str) -> Path:
     return copy / "results.h5"
 
 
+class WholeEpochReader(threading.Thread):
+    """Reads a run file over and over while it is written, as a collaborator's script would,
+    and records any epoch it sees half-written."""
+
+    def __init__(self, run_file: Path) -> None:
+        super().__init__(daemon=True)
+        self.run_file, self.stop = run_file, threading.Event()
+        self.reads, self.problems, self.saw_partial_run = 0, [], False
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            if self.run_file.exists():
+                try:
+                    self._check()
+                except Exception as error:  # any failure to read is a finding
+                    self.problems.append(repr(error))
+            time.sleep(0.02)
+
+    def _check(self) -> None:
+        with h5py.File(self.run_file, "r", locking=False) as handle:
+            completed = int(handle["training/completed_epochs"][()])
+            epochs = handle["training/epoch"].shape[0]
+            self.saw_partial_run |= 0 < completed < epochs
+            if not np.isfinite(handle["training/val_loss"][:completed]).all():
+                self.problems.append(f"a committed epoch <= {completed} without its val_loss")
+            group = handle.get("reaction/train")
+            if group is not None:
+                done = group["computed"][()] == 1
+                rows = group["image_reaction"][()][done]
+                if not np.isfinite(rows).all() or (group["prediction"][()][done] < 0).any():
+                    self.problems.append("a computed Reaction row not whole")
+        if self.reads % 10 == 0:  # as a collaborator with xarray reads it
+            import xarray
+
+            try:
+                train = xarray.open_dataset(self.run_file, engine="h5netcdf",
+                                            group="reaction/train")
+            except OSError:
+                pass  # the group is not there yet
+            else:
+                with train:
+                    whole = train["image_reaction"].where(train["computed"] == 1, drop=True)
+                    if whole.isnull().any():
+                        self.problems.append("xarray: a computed Reaction row not whole")
+        self.reads += 1
+
+
 def train_args(out: Path, epochs: int, *extra: str) -> list[str]:
     return ["run", "--out", str(out), "--epochs", str(epochs), "-q", *extra]
 
@@ -82,12 +130,19 @@ def train_args(out: Path, epochs: int, *extra: str) -> list[str]:
 def test_a_follower_started_first_ends_by_itself_with_the_post_hoc_results(tmp_path, onnx):
     run = tmp_path / "run"
     extra = ("--onnx",) if onnx else ()
-    watching = follower(run / "checkpoints", "-q")
+    watching = follower(run / "checkpoints")
     time.sleep(1.0)  # the follower is up before anything exists
     training = start("trainer", *train_args(run, 25 if onnx else 40, *extra))
+    reader = WholeEpochReader(run / "run.h5")
+    reader.start()
     finish(training)
     stderr = finish(watching, timeout=120)
+    reader.stop.set()
+    reader.join()
+    assert reader.problems == [] and reader.reads > 10, (reader.problems, reader.reads)
+    assert reader.saw_partial_run, "the reader never looked while the run was going on"
     assert "waiting for the first checkpoint" in stderr
+    assert "trained 40/40" in stderr.replace("\r", "\n") or onnx  # the bar's last state
     assert "training finished" in stderr
     with h5py.File(run / "run.h5", "r") as handle:
         assert handle["reaction/train"].attrs["backend"] == ("onnx" if onnx else "torch")

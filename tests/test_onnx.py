@@ -452,3 +452,18 @@ def test_a_failed_export_leaves_no_empty_output_folder(onnx_run, tmp_path):
     assert result.returncode == 1
     assert "weights do not fit the model" in result.stderr
     assert not out.exists()
+
+
+def test_cam_on_a_trainer_onnx_folder_shows_exactly_the_stored_reaction(onnx_run, tmp_path):
+    from analyzer.cam import CamOptions, compute_cam_grid
+    from store.results import read_split_results
+
+    run = copy_run(onnx_run, tmp_path)
+    compute_reaction(ReactionOptions(ckpt_dir=run / "checkpoints", splits=["train"]),
+                     progress=False)
+    stored = read_split_results(run / "run.h5", "train")
+    assert stored["settings"]["backend"] == "onnx"
+    grid = compute_cam_grid(CamOptions(ckpt_dir=run / "checkpoints", epochs="1,3", images=6))
+    rows = [list(stored["epoch"]).index(epoch) for epoch in grid.epochs]
+    np.testing.assert_array_equal(grid.reaction,
+                                  stored["image_reaction"][rows][:, grid.image_index].T)
