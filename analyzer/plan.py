@@ -146,6 +146,7 @@ class CheckpointWatcher:
         self.state = FollowState(last_new=time.monotonic())
         self._listed_mtime: int | None = None
         self._waiting: dict[int, Path] = {}  # in the folder, not committed yet
+        self._passed_over: set[str] = set()  # names seen and not to be taken
         self.on_poll: Callable[[FollowState], None] | None = None
 
     def __iter__(self) -> Iterator[CheckpointFile]:
@@ -191,10 +192,13 @@ class CheckpointWatcher:
         self._listed_mtime = mtime if time.time_ns() - mtime > 1_000_000_000 else None
         with os.scandir(self.folder) as entries:
             for entry in entries:
-                suffix = os.path.splitext(entry.name)[1].lower()
-                if entry.name.startswith(".") or suffix not in self.suffixes:
+                if entry.name in self._passed_over:
                     continue
+                suffix = os.path.splitext(entry.name)[1].lower()
                 epoch = checkpoint_epoch(entry.name)
-                if epoch is None or epoch in self.seen or epoch not in self.selection:
+                if entry.name.startswith(".") or suffix not in self.suffixes or epoch is None \
+                        or epoch in self.seen or epoch not in self.selection:
+                    if not entry.name.startswith("."):  # temporaries come and go
+                        self._passed_over.add(entry.name)
                     continue
                 self._waiting[epoch] = Path(entry.path)
