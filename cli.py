@@ -302,6 +302,49 @@ def analyzer_export_onnx(ckpt_dir: Path, out: Path, run: Path | None, model: str
                + (f" ({len(summary.skipped)} already there)" if summary.skipped else ""))
 
 
+def _follow_options(what: str) -> Callable:
+    """The options ``--follow``, ``--every`` and ``--idle`` of `analyzer plot` and `report`."""
+    options = [
+        click.option("--follow", is_flag=True,
+                     help=f"Keep the {what} current while the run is trained and analysed: "
+                          "re-render after new results; end when training has finished and "
+                          "every Reaction split is analysed, after --idle, or on Ctrl-C."),
+        click.option("--every", type=float, default=None, metavar="SECONDS",
+                     help="With --follow: re-render at most this often. Default: 30."),
+        click.option("--idle", type=float, default=None, metavar="SECONDS",
+                     help="With --follow: stop after this long without a change (a trainer "
+                          "that died)."),
+    ]
+
+    def apply(command: Callable) -> Callable:
+        for option in reversed(options):
+            command = option(command)
+        return command
+
+    return apply
+
+
+def _check_follow_options(follow: bool, every: float | None, idle: float | None) -> None:
+    """Refuse ``--every`` and ``--idle`` without ``--follow``."""
+    for name, value in (("--every", every), ("--idle", idle)):
+        if value is not None and not follow:
+            raise InputError(f"{name} applies to --follow only")
+
+
+def _until_followed(follow_function: Callable, options: object, every: float | None,
+                    idle: float | None) -> object:
+    """Run a follow loop until it ends or SIGINT/SIGTERM stops it; None when a second signal
+    abandoned the render in progress (the last whole page stays). Either way exit code 0."""
+    from analyzer.live import DEFAULT_EVERY, stop_on_signals
+
+    with stop_on_signals() as stop:
+        try:
+            return follow_function(options, every=DEFAULT_EVERY if every is None else every,
+                                   idle=idle, stop=stop)
+        except KeyboardInterrupt:
+            return None
+
+
 @analyzer.command("plot")
 @click.argument("run_files", nargs=-1, required=True,
                 type=click.Path(dir_okay=False, path_type=Path))
@@ -316,9 +359,11 @@ def analyzer_export_onnx(ckpt_dir: Path, out: Path, run: Path | None, model: str
 @click.option("--split", default="train", show_default=True,
               help="Split whose Reaction and loss curves are drawn.")
 @click.option("--dpi", default=100, show_default=True, type=click.IntRange(30, 600))
+@_follow_options("figures")
 @_user_errors
 def analyzer_plot(run_files: tuple[Path, ...], out: Path, smooth: int, image_format: str,
-                  epoch: int | None, split: str, dpi: int) -> None:
+                  epoch: int | None, split: str, dpi: int, follow: bool, every: float | None,
+                  idle: float | None) -> None:
     """The thesis's figures (docs/METHOD.md §3) from run files, models overlaid.
 
     \b
@@ -330,28 +375,20 @@ def analyzer_plot(run_files: tuple[Path, ...], out: Path, smooth: int, image_for
     Examples:
       analyzer plot runs/demo/run.h5 --out figs/
       analyzer plot runs/m2/run.h5 runs/m4/run.h5 --out figs/ --smooth 25 --format pdf
+      analyzer plot runs/m4/run.h5 --out figs/ --follow --every 60
     """
-    from analyzer.figures import load_runs, thesis_figures
+    from analyzer.figures import PlotOptions, write_figures
 
-    runs = load_runs(run_files)
-    analysed = sorted({name for run in runs for name in run.reaction})
-    if analysed and split not in analysed:
-        raise InputError(f"--split {split}: no file has Reaction results for it "
-                         f"(they have: {', '.join(analysed)})")
-    figures = thesis_figures(runs, smooth, epoch, split)
-    if all(named.figure is None for named in figures):
-        raise InputError("nothing to draw: no file has Reaction results or training curves "
-                         "(run 'analyzer reaction' first)")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise InputError(f"cannot create {out}: {error.strerror or error}") from None
-    for named in figures:
-        if named.figure is None:
-            click.echo(f"note: {named.name} skipped: {named.note}", err=True)
-            continue
-        path = out / f"{named.name}.{image_format}"
-        named.figure.savefig(path, dpi=dpi)
+    _check_follow_options(follow, every, idle)
+    options = PlotOptions(runs=run_files, out=out, smooth=smooth, image_format=image_format,
+                          epoch=epoch, split=split, dpi=dpi)
+    if follow:
+        from analyzer.live import follow_plot
+
+        written = _until_followed(follow_plot, options, every, idle) or []
+    else:
+        written = write_figures(options)
+    for path in written:
         click.echo(f"wrote {path}")
 
 
@@ -429,27 +466,38 @@ def analyzer_cam(ckpt_dir: Path, epochs: str | None, images: int, out: Path, spl
 @click.option("--split", default="train", show_default=True,
               help="Split whose Reaction and loss curves are drawn.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N.")
+@_follow_options("page")
 @_user_errors
 def analyzer_report(run_files: tuple[Path, ...], out: Path, ckpt_dirs: tuple[Path, ...],
                     no_cam: bool, cam_images: int, smooth: int, epoch: int | None, split: str,
-                    device: str) -> None:
+                    device: str, follow: bool, every: float | None,
+                    idle: float | None) -> None:
     """One self-contained HTML page to share: provenance, figures, picked epochs, heat maps.
 
     Figures are embedded; the page needs no server and no network (open it from a mail).
+    With --follow the page says how current it is and reloads itself until the run is done.
 
     \b
     Examples:
       analyzer report runs/demo/run.h5 --out report/
       analyzer report runs/*/run.h5 --out report/ --no-cam
+      analyzer report runs/m4/run.h5 --out report/ --follow --every 60 --idle 3600
     """
-    from analyzer.report import ReportOptions, write_report
+    from analyzer.report import REPORT_FILE, ReportOptions, write_report
 
+    _check_follow_options(follow, every, idle)
     for folder in ckpt_dirs:
         if not folder.is_dir():
             raise InputError(f"checkpoint folder not found: {folder}")
-    path = write_report(ReportOptions(runs=run_files, out=out, ckpt_dirs=ckpt_dirs,
-                                      cam=not no_cam, cam_images=cam_images, smooth=smooth,
-                                      epoch=epoch, split=split, device=device))
+    options = ReportOptions(runs=run_files, out=out, ckpt_dirs=ckpt_dirs, cam=not no_cam,
+                            cam_images=cam_images, smooth=smooth, epoch=epoch, split=split,
+                            device=device)
+    if follow:
+        from analyzer.live import follow_report
+
+        path = _until_followed(follow_report, options, every, idle) or out / REPORT_FILE
+    else:
+        path = write_report(options)
     click.echo(f"report: {path}")
 
 

@@ -13,7 +13,9 @@ each point is the mean of the N analysed epochs centred on it (fewer at both end
 
 from __future__ import annotations
 
+import io
 import json
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -24,9 +26,12 @@ from matplotlib.figure import Figure
 
 from analyzer.extract import DEFAULT_WINDOW, SWEEP_THRESHOLDS, sweep
 from store.errors import InputError
+from store.files import write_atomically
 from store.results import read_split_results, result_splits
 from store.runfile import read_provenance, read_run_info, read_training_curves
 from store.series import DEFAULT_SERIES, HDF5_TEST_SERIES, Series, read_series, series_names
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_SMOOTH = 10
 SWEEP_SERIES = DEFAULT_SERIES  # model Reaction of the training images, validation loss
@@ -375,3 +380,54 @@ def thesis_figures(runs: Sequence[RunData], smooth: int = DEFAULT_SMOOTH,
 
 def _named(name: str, caption: str, figure: Figure | None, note: str) -> NamedFigure:
     return NamedFigure(name, caption, figure, "" if figure is not None else note)
+
+
+@dataclass(frozen=True)
+class PlotOptions:
+    """The options of `analyzer plot` (see its ``--help``)."""
+
+    runs: Sequence[Path]
+    out: Path
+    smooth: int = DEFAULT_SMOOTH
+    image_format: str = "png"
+    epoch: int | None = None
+    split: str = "train"
+    dpi: int = 100
+
+
+def write_figures(options: PlotOptions, required: bool = True) -> list[Path]:
+    """Draw :func:`thesis_figures` and write each to ``<out>/<name>.<format>`` atomically (a
+    reader sees the old file or the new one); return the files written.
+
+    A figure the files cannot feed is skipped with a logged note. Refuses (InputError) a
+    ``split`` that no file has results for, and, when ``required``, files with nothing to draw
+    (a followed run may have nothing yet: then nothing is written).
+    """
+    runs = load_runs(options.runs)
+    analysed = sorted({name for run in runs for name in run.reaction})
+    if analysed and options.split not in analysed:
+        raise InputError(f"--split {options.split}: no file has Reaction results for it "
+                         f"(they have: {', '.join(analysed)})")
+    figures = thesis_figures(runs, options.smooth, options.epoch, options.split)
+    if required and all(named.figure is None for named in figures):
+        raise InputError("nothing to draw: no file has Reaction results or training curves "
+                         "(run 'analyzer reaction' first)")
+    out = Path(options.out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise InputError(f"cannot create {out}: {error.strerror or error}") from None
+    written = []
+    for named in figures:
+        if named.figure is None:
+            logger.warning(f"{named.name} skipped: {named.note}")
+            continue
+        path = out / f"{named.name}.{options.image_format}"
+        buffer = io.BytesIO()
+        named.figure.savefig(buffer, format=options.image_format, dpi=options.dpi)
+        try:
+            write_atomically(path, buffer.getvalue())
+        except OSError as error:
+            raise InputError(f"cannot write {path}: {error.strerror or error}") from None
+        written.append(path)
+    return written

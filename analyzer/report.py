@@ -15,7 +15,7 @@ import datetime
 import html
 import io
 import json
-import sys
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,8 +35,11 @@ from analyzer.figures import (
     thesis_figures,
 )
 from store.errors import InputError
+from store.files import write_atomically
 from store.runfile import CHECKPOINT_DIR
 from store.series import HDF5_TEST_SERIES
+
+logger = logging.getLogger(__name__)
 
 REPORT_FILE = "index.html"
 FIGURE_DPI = 90
@@ -55,6 +58,7 @@ th { background: #f3f3f3; } td.number { text-align: right; font-variant-numeric:
 figure { margin: 1em 0; } figure img { max-width: 100%; height: auto; border: 1px solid #eee; }
 figcaption { font-size: 0.9em; color: #555; }
 .note { color: #8a5300; } pre { background: #f7f7f7; padding: 0.5em; overflow-x: auto; }
+.freshness { background: #f3f3f3; padding: 0.4em 0.6em; }
 code { font-size: 0.95em; }
 """
 
@@ -72,6 +76,20 @@ class ReportOptions:
     epoch: int | None = None
     split: str = "train"
     device: str = "auto"
+
+
+@dataclass(frozen=True)
+class Freshness:
+    """How current a followed page is (``analyzer report --follow``, see :mod:`analyzer.live`).
+
+    Attributes:
+        text: the banner, e.g. ``live: trained to epoch 57 of 1000, ...; reloads every 30 s``.
+        refresh: seconds after which the page reloads itself (a ``<meta http-equiv=refresh>``
+            tag, no script); None for the final page.
+    """
+
+    text: str
+    refresh: int | None = None
 
 
 @dataclass(frozen=True)
@@ -94,8 +112,9 @@ class ReportContent:
     cam_figures: list[NamedFigure] = field(default_factory=list)
 
 
-def write_report(options: ReportOptions) -> Path:
-    """Compute everything and write ``<out>/index.html``; return its path."""
+def write_report(options: ReportOptions, freshness: Freshness | None = None) -> Path:
+    """Compute everything and write ``<out>/index.html`` (atomically: a reader sees the old
+    page or the new one); return its path. ``freshness``: the banner of a followed page."""
     runs = load_runs(options.runs)
     content = ReportContent(runs, thesis_figures(runs, options.smooth, options.epoch,
                                                  options.split))
@@ -104,12 +123,12 @@ def write_report(options: ReportOptions) -> Path:
         content.cam_figures = cam_figures(runs, options)
     for named in [*content.figures, *content.cam_figures]:
         if named.figure is None:
-            print(f"note: {named.caption}: skipped, {named.note}", file=sys.stderr)
-    page = render_html(content)
+            logger.warning(f"{named.caption}: skipped, {named.note}")
+    page = render_html(content, freshness)
     out = Path(options.out)
     try:
         out.mkdir(parents=True, exist_ok=True)
-        (out / REPORT_FILE).write_text(page, encoding="utf-8")
+        write_atomically(out / REPORT_FILE, page.encode("utf-8"))
     except OSError as error:
         raise InputError(f"cannot write {out / REPORT_FILE}: {error.strerror or error}") \
             from None
@@ -230,13 +249,16 @@ def figure_png(figure: Figure, dpi: int = FIGURE_DPI) -> bytes:
     return buffer.getvalue()
 
 
-def render_html(content: ReportContent) -> str:
-    """The whole page as one string."""
+def render_html(content: ReportContent, freshness: Freshness | None = None) -> str:
+    """The whole page as one string; with ``freshness``, its banner under the title and,
+    while it is live, the tag that reloads it."""
     labels = ", ".join(run.label for run in content.runs)
     created = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
     body = [f"<h1>Reaction report</h1><p>{_e(labels)} · written {_e(created)} by "
-            "<code>analyzer report</code></p>",
-            _contents_list()]
+            "<code>analyzer report</code></p>"]
+    if freshness is not None:
+        body.append(f'<p class="freshness" id="freshness">{_e(freshness.text)}</p>')
+    body.append(_contents_list())
     body.append('<h2 id="runs">Runs</h2>')
     body += [_run_section(run) for run in content.runs]
     body.append('<h2 id="curves">Curves and scatter plots (thesis figs. 5.1–5.3, 5.9)</h2>')
@@ -250,9 +272,11 @@ def render_html(content: ReportContent) -> str:
     body.append('<h2 id="cam">Grad-CAM heat maps</h2>')
     body += [_figure_html(named) for named in content.cam_figures] or \
         ['<p class="note">heat maps not drawn (no checkpoints at hand, or --no-cam)</p>']
+    refresh = "" if freshness is None or freshness.refresh is None else \
+        f'<meta http-equiv="refresh" content="{int(freshness.refresh)}">\n'
     return ('<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
             '<meta name="viewport" content="width=device-width, initial-scale=1">\n'
-            f"<title>Reaction report: {_e(labels)}</title>\n<style>{_STYLE}</style>\n"
+            f"{refresh}<title>Reaction report: {_e(labels)}</title>\n<style>{_STYLE}</style>\n"
             "</head>\n<body>\n" + "\n".join(body) + "\n</body>\n</html>\n")
 
 
