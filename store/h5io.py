@@ -20,9 +20,9 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import logging
 import os
 import shutil
-import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -41,8 +41,12 @@ def lock_path(path: Path) -> Path:
     return path.with_name(path.name + ".lock")
 
 
+logger = logging.getLogger(__name__)
+ANNOUNCE_AFTER = 2.0  # seconds: shorter waits (a trainer and a follower taking turns) are normal
+
+
 def _announce_wait(path: Path) -> None:
-    print(f"waiting for {path}: another process is writing it", file=sys.stderr)
+    logger.warning(f"waiting for {path}: another process is writing it")
 
 
 @contextlib.contextmanager
@@ -54,7 +58,8 @@ def writer_lock(
     Args:
         path: the run file.
         timeout: seconds to wait before giving up with :class:`InputError`; None waits forever.
-        on_wait: called once if the lock is busy (by default a note on stderr).
+        on_wait: called once if the lock is still busy after ``ANNOUNCE_AFTER`` seconds (by
+            default a note through :mod:`logging`), or at once when given.
     """
     path = Path(path)
     try:
@@ -63,7 +68,9 @@ def writer_lock(
         raise InputError(f"cannot write in {path.parent} (its writer lock "
                          f"{lock_path(path).name}: {error.strerror})") from None
     with handle:
-        deadline = None if timeout is None else time.monotonic() + timeout
+        began = time.monotonic()
+        deadline = None if timeout is None else began + timeout
+        announce_at = began + (ANNOUNCE_AFTER if on_wait is _announce_wait else 0.0)
         announced = False
         while True:
             try:
@@ -72,7 +79,7 @@ def writer_lock(
             except BlockingIOError:
                 if deadline is not None and time.monotonic() > deadline:
                     raise InputError(f"{path} is locked by another writer") from None
-                if not announced:
+                if not announced and time.monotonic() >= announce_at:
                     on_wait(path)
                     announced = True
                 time.sleep(0.05)
