@@ -306,7 +306,7 @@ def test_info_text_and_json(run_file, cli):
     write_extract(run_file, [stored("loss:val", "threshold", 0.3, 3)])
     text = cli("analyzer", "info", str(run_file))
     assert text.returncode == 0, text.stderr
-    assert "reaction-run 1.0" in text.stdout
+    assert "reaction-run 1.1" in text.stdout
     assert "model: small, input 1x8x8, 2 classes" in text.stdout
     assert "training: 6 of 6 epochs completed" in text.stdout
     assert "reaction/train: 5 of 6 epochs computed, epochs 1–6, 2 images" in text.stdout
