@@ -3,15 +3,45 @@
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import shlex
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
+from tqdm import tqdm
 
 from store.errors import InputError, first_line
+
+if TYPE_CHECKING:
+    from trainer.train import CheckpointWriter, TrainConfig
+
+_NOTE_PACKAGES = ("store", "trainer", "analyzer")
+
+
+class _NoteHandler(logging.Handler):
+    """Writes each record as ``note: <message>`` on stderr, above any progress bar."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            tqdm.write(f"note: {self.format(record)}", file=sys.stderr)
+        except Exception:  # the logging convention: report, never raise from a handler
+            self.handleError(record)
+
+
+_NOTES = _NoteHandler()
+
+
+def _configure_notes(quiet: bool) -> None:
+    """Show the notes (warnings) of our packages on stderr; ``quiet`` leaves errors only."""
+    for name in _NOTE_PACKAGES:
+        package = logging.getLogger(name)
+        if _NOTES not in package.handlers:
+            package.addHandler(_NOTES)
+        package.setLevel(logging.ERROR if quiet else logging.WARNING)
 
 
 def _user_errors(command: Callable) -> Callable:
@@ -52,6 +82,7 @@ def _out_of_memory(error: BaseException) -> bool:
 @click.group()
 def trainer() -> None:
     """Train a CNN and keep every epoch: checkpoints plus an HDF5 run file."""
+    _configure_notes(quiet=False)  # a command's -q raises the level again
 
 
 @trainer.command("run")
@@ -85,7 +116,7 @@ def trainer() -> None:
 @click.option("--onnx", is_flag=True,
               help="Also write checkpoints/epoch_NNNN.onnx, with the Grad-CAM gradient graph "
                    "(docs/ONNX.md).")
-@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar and no notes.")
 @_user_errors
 def trainer_run(out: Path, data: str, test_data: str | None, model: str, epochs: int,
                 batch_size: int, learning_rate: float, val_fraction: float, seed: int,
@@ -102,6 +133,7 @@ def trainer_run(out: Path, data: str, test_data: str | None, model: str, epochs:
     """
     from trainer.train import TrainConfig, train
 
+    _configure_notes(quiet)
     if resume and force:
         raise InputError("--resume and --force exclude each other")
     if resume:
@@ -114,8 +146,19 @@ def trainer_run(out: Path, data: str, test_data: str | None, model: str, epochs:
                          channels=channels, onnx=onnx)
     command = shlex.join(["trainer", *sys.argv[1:]])
     run_path = train(config, out, resume=resume, force=force, device=device,
-                     progress=not quiet, command=command)
+                     progress=not quiet, command=command,
+                     checkpoint_writers=_checkpoint_writers(config, out, resume))
     click.echo(f"run file: {run_path}")
+
+
+def _checkpoint_writers(config: TrainConfig, out: Path,
+                        resume: bool) -> list[CheckpointWriter]:
+    """The ONNX twin writer when the run asks for it (a resumed run: its stored config)."""
+    from analyzer.onnx_export import OnnxTwinWriter
+    from trainer.train import resume_config
+
+    wants_onnx = (resume_config(out) if resume else config).onnx
+    return [OnnxTwinWriter()] if wants_onnx else []
 
 
 def _refuse_given_options(names: tuple[str, ...], why: str) -> None:
@@ -154,6 +197,7 @@ def trainer_models(classes: int) -> None:
 @click.group()
 def analyzer() -> None:
     """Analyse saved checkpoints post hoc: Reaction values, epochs, figures."""
+    _configure_notes(quiet=False)  # a command's -q raises the level again
 
 
 def _model_options(layer_help: str = "Grad-CAM layer (qualified module name). "
@@ -215,7 +259,7 @@ def _split_list(text: str | None) -> list[str] | None:
                    "trainer that writes no run file).")
 @click.option("--poll", type=click.FloatRange(min=0.01), default=0.5, show_default=True,
               metavar="SECONDS", help="With --follow: seconds between looks at the folder.")
-@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar and no notes.")
 @_user_errors
 def analyzer_reaction(ckpt_dir: Path, run: Path | None, out: Path | None, model: str | None,
                       layer: str | None, data: tuple[str, ...], image_size: str | None,
@@ -241,6 +285,7 @@ def analyzer_reaction(ckpt_dir: Path, run: Path | None, out: Path | None, model:
     from analyzer.reaction import ReactionOptions, compute_reaction
     from store.datasets import parse_image_size
 
+    _configure_notes(quiet)
     options = ReactionOptions(
         ckpt_dir=ckpt_dir, run=run, out=out, model=model, layer=layer,
         data=parse_data_options(data),
@@ -274,7 +319,7 @@ def analyzer_reaction(ckpt_dir: Path, run: Path | None, out: Path | None, model:
               show_default=True, help="Target class: the true label or the prediction.")
 @click.option("--with-maps", is_flag=True,
               help="Also output the Grad-CAM map at the layer's resolution (heat maps).")
-@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar and no notes.")
 @_user_errors
 def analyzer_export_onnx(ckpt_dir: Path, out: Path, run: Path | None, model: str | None,
                          layer: str | None, image_size: str | None, channels: int | None,
@@ -293,6 +338,7 @@ def analyzer_export_onnx(ckpt_dir: Path, out: Path, run: Path | None, model: str
     from analyzer.onnx_export import ExportOptions, export_checkpoints
     from store.datasets import parse_image_size
 
+    _configure_notes(quiet)
     options = ExportOptions(
         ckpt_dir=ckpt_dir, out=out, run=run, model=model, layer=layer,
         image_size=parse_image_size(image_size) if image_size else None, channels=channels,

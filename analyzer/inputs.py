@@ -7,7 +7,7 @@ own metadata, and from the command-line options (which win).
 from __future__ import annotations
 
 import json
-import sys
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +22,8 @@ from store.onnx_files import OnnxContract
 from store.results import SplitImages
 from store.runfile import RUN_FILE, RunInfo, read_run_info
 from trainer.models import ModelSpec, build_model, gradcam_layer
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -251,7 +253,7 @@ def _run_splits(info: RunInfo | None, channels: int, image_size: tuple[int, int]
     for name in names:
         ids = info.split_ids[name]
         if not ids:
-            print(f"note: the {name} split has no images, skipped", file=sys.stderr)
+            logger.warning(f"the {name} split has no images, skipped")
             continue
         which = "test" if name == "test" else "train"
         pixels = source.load(ids, channels, image_size, which=which)

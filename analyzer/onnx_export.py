@@ -18,7 +18,6 @@ import contextlib
 import copy
 import io
 import logging
-import sys
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -58,6 +57,9 @@ from store.spec import ReactionSpec
 
 if TYPE_CHECKING:
     from analyzer.inputs import NetworkInputs
+    from trainer.train import SavedCheckpoint
+
+logger = logging.getLogger(__name__)
 
 OPSET = 18
 _EXAMPLE_BATCH = 2  # traced with a symbolic batch; 0 and 1 would be specialised
@@ -185,16 +187,16 @@ def _quiet() -> Iterator[None]:
     """Silence the exporter's warnings, log lines and prints; errors still propagate."""
     loggers = [logging.getLogger(name) for name in ("torch.onnx", "torch.export", "onnxscript",
                                                     "torch._dynamo", "torch.fx")]
-    levels = [logger.level for logger in loggers]
-    for logger in loggers:
-        logger.setLevel(logging.ERROR)
+    levels = [quieted.level for quieted in loggers]
+    for quieted in loggers:
+        quieted.setLevel(logging.ERROR)
     try:
         with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
             warnings.simplefilter("ignore")
             yield
     finally:
-        for logger, level in zip(loggers, levels, strict=True):
-            logger.setLevel(level)
+        for quieted, level in zip(loggers, levels, strict=True):
+            quieted.setLevel(level)
 
 
 def _trace_and_export(graph: _ReactionGraph, channels: int,
@@ -275,6 +277,31 @@ def _verify(payload: bytes, backend: TorchBackend, channels: int,
                              f"({name} differs by up to {error:.3g}): please report this model")
 
 
+class OnnxTwinWriter:
+    """``trainer run --onnx``: write ``epoch_NNNN.onnx`` beside each checkpoint as it is saved.
+
+    A checkpoint writer for :func:`trainer.train.train`. The graph is traced at the first
+    checkpoint and serves every later epoch; it outputs the maps too, so `analyzer cam` can
+    use the twins.
+    """
+
+    name = "onnx"
+
+    def __init__(self) -> None:
+        self._exporter: ReactionGraphExporter | None = None
+
+    def write(self, saved: SavedCheckpoint) -> None:
+        """Write the ONNX twin of the checkpoint just saved (atomically)."""
+        if self._exporter is None:
+            self._exporter = ReactionGraphExporter(
+                saved.model, ExportSettings(ReactionSpec(saved.layer), with_maps=True),
+                channels=saved.channels, image_size=saved.image_size,
+                class_names=saved.class_names, model_spec=saved.model_spec)
+        self._exporter.load_weights(saved.model.state_dict())
+        write_onnx_file(saved.path.parent / onnx_name(saved.epoch), self._exporter.model_bytes(
+            epoch=saved.epoch, source_sha256=saved.sha256, source_file=saved.path.name))
+
+
 # ---- `analyzer export-onnx` ------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -310,8 +337,7 @@ def export_checkpoints(options: ExportOptions, progress: bool = True) -> ExportS
 
     checkpoints, ignored = discover_checkpoints(options.ckpt_dir, suffixes=TORCH_SUFFIXES)
     for path in ignored:
-        print(f"note: ignoring {path.name} (not a checkpoint with an epoch number)",
-              file=sys.stderr)
+        logger.warning(f"ignoring {path.name} (not a checkpoint with an epoch number)")
     if options.epochs:
         wanted = set(parse_epochs(options.epochs, [c.epoch for c in checkpoints]))
         checkpoints = [c for c in checkpoints if c.epoch in wanted]

@@ -273,7 +273,8 @@ def test_exported_files_carry_the_documented_contract(onnx_run):
                       "targets": (TensorProto.INT64, [batch])}
     assert outputs == {"logits": (TensorProto.FLOAT, [batch, 10]),
                        "reaction": (TensorProto.FLOAT, [batch]),
-                       "empty": (TensorProto.BOOL, [batch])}
+                       "empty": (TensorProto.BOOL, [batch]),
+                       "cam": (TensorProto.FLOAT, [batch, 4, 4])}  # the twins carry maps
     assert not any(t.data_location == TensorProto.EXTERNAL for t in model.graph.initializer)
     assert "features.0.weight" in {t.name for t in model.graph.initializer}
 
@@ -333,7 +334,7 @@ def test_a_folder_with_onnx_files_for_some_checkpoints_only_is_not_silently_cut(
         "--backend onnx (the ONNX files only)")
     assert (run / "run.h5").read_bytes() == before
     chosen = run_cli("analyzer", "reaction", "--ckpt-dir", str(run / "checkpoints"),
-                     "--backend", "onnx", "--epochs", "1", "-q")
+                     "--backend", "onnx", "--epochs", "1")  # no -q: it would silence the note
     assert chosen.returncode == 0, chosen.stderr
     assert "note: --backend onnx leaves out 1 PyTorch checkpoints without an ONNX file " \
            "(epochs 3)" in chosen.stderr

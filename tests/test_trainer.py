@@ -17,9 +17,11 @@ import pytest
 from PIL import Image
 
 from store.checkpoints import load_checkpoint, sha256_file
+from store.errors import InputError
 from store.runfile import read_provenance, read_run_info, read_training_curves
 from tests.conftest import ROOT, script, tree
 from trainer.models import ModelSpec, build_model
+from trainer.train import SavedCheckpoint, TrainConfig, train
 
 CURVES = ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "val_class_loss",
           "val_class_accuracy")
@@ -158,6 +160,29 @@ def test_models_lists_the_zoo_with_parameter_counts(cli):
     names = [line.split()[0] for line in result.stdout.splitlines()[1:]]
     assert names == ["small", "mnist", "model1", "model2", "model3", "model4", "model5",
                      "model6"]
+
+
+def test_a_python_caller_asking_for_onnx_twins_without_their_writer_is_refused(tmp_path):
+    with pytest.raises(InputError, match="no ONNX checkpoint writer"):
+        train(TrainConfig(epochs=1, onnx=True), tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_checkpoint_writer_runs_after_the_checkpoint_and_before_the_commit(tmp_path):
+    class Recorder:
+        name = "recorder"
+
+        def __init__(self) -> None:
+            self.seen: list[tuple[int, bool, int]] = []
+
+        def write(self, saved: SavedCheckpoint) -> None:
+            completed = read_run_info(tmp_path / "run" / "run.h5").completed_epochs
+            self.seen.append((saved.epoch, saved.path.exists(), completed))
+
+    recorder = Recorder()
+    train(TrainConfig(epochs=2), tmp_path / "run", progress=False,
+          checkpoint_writers=[recorder])
+    assert recorder.seen == [(1, True, 0), (2, True, 1)]
 
 
 def start_training(out: Path, epochs: int, resume: bool = False,

@@ -14,10 +14,12 @@ import platform
 import socket
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from datetime import datetime
 from importlib import metadata
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -43,7 +45,7 @@ from store.datasets import (
 from store.errors import InputError
 from store.files import folder_owned
 from store.h5io import remove_stale_copies
-from store.onnx_files import onnx_name, remove_stale_onnx_temporaries, write_onnx_file
+from store.onnx_files import remove_stale_onnx_temporaries
 from store.runfile import (
     CHECKPOINT_DIR,
     RUN_FILE,
@@ -55,7 +57,7 @@ from store.runfile import (
     update_provenance,
     write_epoch,
 )
-from store.spec import ReactionSpec
+from trainer.devices import resolve_device
 from trainer.models import ModelSpec, build_model, default_image_size, gradcam_layer
 
 _PACKAGES = ("reaction", "torch", "numpy", "h5py", "safetensors", "scikit-learn")
@@ -89,23 +91,33 @@ class TrainConfig:
             raise InputError(f"--channels must be 1 or 3, got {self.channels}")
 
 
-def resolve_device(device: str) -> torch.device:
-    """``auto`` → CUDA when available, else CPU; ``cuda`` without a GPU is an error."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        chosen = torch.device(device)
-    except RuntimeError:
-        raise InputError(f"--device {device!r} is not a device: use auto, cpu, cuda or cuda:N") \
-            from None
-    if chosen.type not in ("cpu", "cuda", "mps") or (
-            chosen.type == "mps" and not torch.backends.mps.is_available()):
-        raise InputError(f"--device {device}: not available here; use auto, cpu, cuda or cuda:N")
-    if chosen.type == "cuda" and not torch.cuda.is_available():
-        raise InputError("--device cuda was asked for, but no CUDA device is available")
-    if chosen.type == "cuda" and (chosen.index or 0) >= torch.cuda.device_count():
-        raise InputError(f"--device {device}: there are {torch.cuda.device_count()} CUDA devices")
-    return chosen
+@dataclass(frozen=True)
+class SavedCheckpoint:
+    """One epoch's checkpoint, just written, and what a writer needs to derive a file from it."""
+
+    path: Path  # checkpoints/epoch_NNNN.safetensors
+    epoch: int
+    sha256: str
+    model: nn.Module  # the live network, holding this epoch's weights: read it, do not change it
+    layer: str  # the zoo model's Grad-CAM layer
+    channels: int
+    image_size: tuple[int, int]
+    class_names: list[str]
+    model_spec: str  # the zoo spec JSON stored in the checkpoint
+
+
+class CheckpointWriter(Protocol):
+    """Writes a companion file of each epoch's checkpoint (``trainer run --onnx``: its ONNX twin).
+
+    ``name`` says which file it writes; ``"onnx"`` is the writer that ``TrainConfig.onnx`` asks
+    for. It runs after the checkpoint is saved and before the epoch is committed to the run
+    file, so a reader that sees a committed epoch finds its companion files whole.
+    """
+
+    name: str
+
+    def write(self, saved: SavedCheckpoint) -> None:
+        """Write the companion file of ``saved`` (atomically, beside it)."""
 
 
 def epoch_generator(seed: int, epoch: int) -> torch.Generator:
@@ -127,11 +139,12 @@ class _Session:
     num_classes: int
     metadata: dict[str, str]
     image_size: tuple[int, int] = (0, 0)
-    onnx_exporter: object | None = None  # traced at the first epoch saved, with --onnx
+    writers: Sequence[CheckpointWriter] = ()
 
 
 def train(config: TrainConfig, out: Path, *, resume: bool = False, force: bool = False,
-          device: str = "auto", progress: bool = True, command: str = "") -> Path:
+          device: str = "auto", progress: bool = True, command: str = "",
+          checkpoint_writers: Sequence[CheckpointWriter] = ()) -> Path:
     """Train ``config`` into ``out``; return the run file's path.
 
     Args:
@@ -142,16 +155,21 @@ def train(config: TrainConfig, out: Path, *, resume: bool = False, force: bool =
         device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
         progress: show a progress bar.
         command: the command line, for provenance.
+        checkpoint_writers: called with each epoch's checkpoint, in order, before the epoch
+            is committed; the run's ``onnx`` setting requires (and alone allows) one named
+            ``"onnx"``, e.g. ``analyzer.onnx_export.OnnxTwinWriter()``.
     """
     out = Path(out)
     run_path = out / RUN_FILE
     torch_device = resolve_device(device)
     if resume:
-        config = _config_to_resume(run_path)
+        config = resume_config(out)
     else:
         _refuse_existing_run(run_path, force)
         config.validate()
+    _check_writers(config, checkpoint_writers)
     source, plan, session = _load_session(config, torch_device)
+    session.writers = tuple(checkpoint_writers)
     with folder_owned(out, TRAINER_LOCK, f"another trainer is running in {out}"):
         if resume:
             _check_same_splits(plan, run_path)
@@ -173,10 +191,23 @@ def _refuse_existing_run(run_path: Path, force: bool) -> None:
                          "or --force to start over")
 
 
-def _config_to_resume(run_path: Path) -> TrainConfig:
+def resume_config(out: Path) -> TrainConfig:
+    """The settings of the run in ``out``, which ``train(..., resume=True)`` continues with."""
+    run_path = Path(out) / RUN_FILE
     if not run_path.exists():
         raise InputError(f"nothing to resume: {run_path} does not exist")
     return TrainConfig(**read_run_info(run_path).config)
+
+
+def _check_writers(config: TrainConfig, writers: Sequence[CheckpointWriter]) -> None:
+    """Refuse a run whose ``onnx`` setting and ONNX writer disagree (the twins would be lost)."""
+    has_onnx = any(writer.name == "onnx" for writer in writers)
+    if config.onnx and not has_onnx:
+        raise InputError("the run writes ONNX twins (onnx=True) but no ONNX checkpoint writer "
+                         "was given: pass checkpoint_writers=[OnnxTwinWriter()] "
+                         "(analyzer.onnx_export)")
+    if has_onnx and not config.onnx:
+        raise InputError("an ONNX checkpoint writer was given to a run with onnx=False")
 
 
 def _load_session(config: TrainConfig,
@@ -286,10 +317,10 @@ def _loop(session: _Session, out: Path, run_path: Path, device: torch.device,
         val_class_loss, val_class_accuracy, val_loss, val_accuracy = _validate(session)
         saved = time.perf_counter()
         file_name = checkpoint_name(epoch)
-        sha = save_checkpoint(out / CHECKPOINT_DIR / file_name, session.model.state_dict(),
+        path = out / CHECKPOINT_DIR / file_name
+        sha = save_checkpoint(path, session.model.state_dict(),
                               {**session.metadata, "epoch": str(epoch)})
-        if config.onnx:
-            _save_onnx(session, out / CHECKPOINT_DIR, epoch, file_name, sha)
+        _write_companions(session, path, epoch, sha)
         checkpoint_seconds = time.perf_counter() - saved
         record = EpochRecord(epoch, train_loss, train_accuracy, val_loss, val_accuracy,
                              val_class_loss, val_class_accuracy,
@@ -303,22 +334,16 @@ def _loop(session: _Session, out: Path, run_path: Path, device: torch.device,
                         val_loss=f"{val_loss:.4f}", val_acc=f"{val_accuracy:.3f}")
 
 
-def _save_onnx(session: _Session, folder: Path, epoch: int, source_file: str,
-               source_sha256: str) -> None:
-    """Write ``epoch_NNNN.onnx`` beside the checkpoint (the graph is traced once per run)."""
-    from analyzer.onnx_export import ExportSettings, ReactionGraphExporter
-
-    if session.onnx_exporter is None:
-        session.onnx_exporter = ReactionGraphExporter(
-            session.model, ExportSettings(ReactionSpec(gradcam_layer(session.config.model)),
-                                          with_maps=True),  # so `analyzer cam` can use them
-            channels=session.config.channels, image_size=session.image_size,
-            class_names=json.loads(session.metadata["classes"]),
-            model_spec=session.metadata["model"])
-    exporter = session.onnx_exporter
-    exporter.load_weights(session.model.state_dict())
-    write_onnx_file(folder / onnx_name(epoch), exporter.model_bytes(
-        epoch=epoch, source_sha256=source_sha256, source_file=source_file))
+def _write_companions(session: _Session, path: Path, epoch: int, sha256: str) -> None:
+    """Hand the checkpoint just saved to every checkpoint writer (before the commit)."""
+    if not session.writers:
+        return
+    saved = SavedCheckpoint(path, epoch, sha256, session.model,
+                            gradcam_layer(session.config.model), session.config.channels,
+                            session.image_size, json.loads(session.metadata["classes"]),
+                            session.metadata["model"])
+    for writer in session.writers:
+        writer.write(saved)
 
 
 def _train_one_epoch(session: _Session, epoch: int, device: torch.device) -> tuple[float, float]:
