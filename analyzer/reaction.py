@@ -38,7 +38,7 @@ from analyzer.stopping import StopRequested, StopSignals
 from store.errors import InputError
 from store.model_files import CHECKPOINT_SUFFIXES, CheckpointFile
 from store.results import ResultsSink
-from store.runfile import read_run_info
+from store.runfile import RUN_FILE, read_run_info
 
 logger = logging.getLogger(__name__)
 
@@ -93,7 +93,8 @@ def compute_reaction(options: ReactionOptions, progress: bool = True) -> Reactio
             analysis = set_up_pass(_request(options))
             return _analyse(options, analysis, selection, signals, progress)
         except StopRequested:
-            return ReactionSummary(_results_path(options, None), stopped=True,
+            path = options.out or options.run or Path(options.ckpt_dir).parent / RUN_FILE
+            return ReactionSummary(Path(path), stopped=True,
                                    reason="stopped before the first checkpoint")
 
 

@@ -258,3 +258,20 @@ def test_sigterm_during_a_checkpoint_stores_it_whole_or_not_at_all(tmp_path):
                     "--follow", "--splits", "train,test", "--batch-size", "1", "-q")
     assert rerun.returncode == 0, rerun.stderr
     assert_same_results(run / "run.h5", post_hoc(run, tmp_path, "--batch-size", "1"))
+
+
+def test_a_follower_waiting_for_a_first_checkpoint_ends_on_sigterm_or_idle(tmp_path):
+    waiting = follower(tmp_path / "not-yet", "--poll", "0.1")
+    first_line = waiting.stderr.readline()  # once it says so, its signal handlers are in place
+    assert "waiting for the first checkpoint" in first_line, first_line
+    waiting.send_signal(signal.SIGTERM)
+    _, stderr = waiting.communicate(timeout=60)
+    assert waiting.returncode == 0, stderr
+    assert "stopped before the first checkpoint" in stderr
+    idle = run_cli("analyzer", "reaction", "--ckpt-dir", str(tmp_path / "never"), "--follow",
+                   "--idle", "1", "--poll", "0.1")
+    assert idle.returncode == 1
+    assert idle.stderr.strip().splitlines()[-1] == \
+        f"Error: no checkpoint in {tmp_path / 'never'} after 1 s (--idle)"
+    alone = run_cli("analyzer", "reaction", "--ckpt-dir", str(tmp_path), "--idle", "5")
+    assert alone.returncode == 1 and "--idle applies to --follow only" in alone.stderr
