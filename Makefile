@@ -1,5 +1,6 @@
 # One-command entry points for a fresh machine with only Python and pip.
-#   make demo   set up .venv, then train, analyse, extract, plot and report on the embedded digits
+#   make demo   set up .venv, then train (with a follower analysing beside it), extract, plot and
+#               report on the embedded digits
 #   make test   set up .venv, then run the test suite
 PYTHON ?= python3
 VENV ?= .venv
@@ -18,9 +19,17 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install --quiet -e ".[test]"
 	touch $@
 
+# The follower analyses each checkpoint while the next epoch trains; on one CPU each process
+# gets one thread (two processes with a thread per core slow each other down).
+DEMO_THREADS ?= 1
+
 demo: venv
-	$(BIN)/trainer run --out $(DEMO) --force
-	$(BIN)/analyzer reaction --ckpt-dir $(DEMO)/checkpoints
+	rm -rf $(DEMO)
+	OMP_NUM_THREADS=$(DEMO_THREADS) $(BIN)/analyzer reaction --ckpt-dir $(DEMO)/checkpoints \
+	    --follow -q & follower=$$!; \
+	OMP_NUM_THREADS=$(DEMO_THREADS) $(BIN)/trainer run --out $(DEMO) \
+	    || { kill $$follower; exit 1; }; \
+	wait $$follower
 	$(BIN)/analyzer extract $(DEMO)/run.h5 --threshold 0.3
 	$(BIN)/analyzer plot $(DEMO)/run.h5 --out $(DEMO)/figures
 	$(BIN)/analyzer report $(DEMO)/run.h5 --out $(DEMO)/report
