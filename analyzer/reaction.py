@@ -140,6 +140,9 @@ def _analyse(options: ReactionOptions, analysis: Pass, selection: EpochSelection
         watcher = CheckpointWatcher(options.ckpt_dir, analysis.suffixes, selection,
                                     {c.epoch for c in checkpoints},
                                     run_file, options.idle, signals.requested, options.poll)
+        watcher.state.trained = max((c.epoch for c in checkpoints), default=0)
+        if run_file is not None:
+            watcher.state.planned = read_run_info(run_file).epochs
         plan = _followed(pending, watcher, split_names)
     bar = _ProgressBar(progress, len(pending), watcher, sink)
     try:
