@@ -259,6 +259,10 @@ def _split_list(text: str | None) -> list[str] | None:
                    "trainer that writes no run file).")
 @click.option("--poll", type=click.FloatRange(min=0.01), default=0.5, show_default=True,
               metavar="SECONDS", help="With --follow: seconds between looks at the folder.")
+@click.option("--shard", default=None, metavar="K/N",
+              help="Analyse only the K-th of N slices of the checkpoints (sorted by epoch, "
+                   "every N-th from the K-th) into --out; join the shards' files with "
+                   "'analyzer merge'.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar and no notes.")
 @_user_errors
 def analyzer_reaction(ckpt_dir: Path, run: Path | None, out: Path | None, model: str | None,
@@ -266,8 +270,10 @@ def analyzer_reaction(ckpt_dir: Path, run: Path | None, out: Path | None, model:
                       channels: int | None, splits: str | None, epochs: str | None,
                       score: str | None, target: str | None, backend: str, device: str,
                       batch_size: int, follow: bool, idle: float | None, poll: float,
-                      quiet: bool) -> None:
+                      shard: str | None, quiet: bool) -> None:
     """Reaction value of every image, class and checkpoint (docs/METHOD.md §2).
+
+    Under torchrun the ranks divide the checkpoints; rank 0 alone writes the results.
 
     \b
     Examples:
@@ -280,20 +286,26 @@ def analyzer_reaction(ckpt_dir: Path, run: Path | None, out: Path | None, model:
       analyzer reaction --ckpt-dir runs/m4/checkpoints --follow
       analyzer reaction --ckpt-dir other/ckpts --model pkg:make --out other/r.h5 \\
           --data train=siw13/train --follow --idle 600
+      analyzer reaction --ckpt-dir runs/m4/checkpoints --shard 3/32 --out shards/m4.3.h5
+      torchrun --nproc-per-node 8 $(which analyzer) reaction --ckpt-dir runs/m4/checkpoints
     """
+    from analyzer.distributed import parse_shard, torchrun_ranks
     from analyzer.inputs import parse_data_options
     from analyzer.reaction import ReactionOptions, compute_reaction
     from store.datasets import parse_image_size
 
-    _configure_notes(quiet)
+    ranks = torchrun_ranks()
+    _configure_notes(quiet or (ranks is not None and not ranks.writer))
     options = ReactionOptions(
         ckpt_dir=ckpt_dir, run=run, out=out, model=model, layer=layer,
         data=parse_data_options(data),
         image_size=parse_image_size(image_size) if image_size else None, channels=channels,
         splits=_split_list(splits), epochs=epochs, score=score, target=target, device=device,
         batch_size=batch_size, backend=backend, follow=follow, idle=idle,
-        poll=poll)
+        poll=poll, shard=parse_shard(shard) if shard is not None else None)
     summary = compute_reaction(options, progress=not quiet)
+    if not summary.writer:
+        return
     if summary.stopped:
         click.echo(f"{summary.reason}: {summary.analysed} checkpoints stored whole; run the "
                    "same command again to continue", err=True)
@@ -303,6 +315,30 @@ def analyzer_reaction(ckpt_dir: Path, run: Path | None, out: Path | None, model:
     elif follow:
         click.echo(f"{summary.reason}: {summary.analysed} checkpoints analysed", err=True)
     click.echo(f"results: {summary.path}")
+
+
+@analyzer.command("merge")
+@click.argument("target", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("shards", nargs=-1, required=True, type=click.Path(dir_okay=False,
+                                                                     path_type=Path))
+@_user_errors
+def analyzer_merge(target: Path, shards: tuple[Path, ...]) -> None:
+    """Merge the results files SHARDS (e.g. of 'analyzer reaction --shard K/N') into TARGET.
+
+    TARGET is a run file, a results file, or a new results file. Classes, images, settings
+    and checkpoint SHA-256 are checked first: any conflict is refused and nothing is written.
+    Rows TARGET already holds are skipped, so merging again changes nothing.
+
+    \b
+    Example:
+      analyzer merge runs/m4/run.h5 shards/m4.*.h5
+    """
+    from store.merge import merge_results
+
+    summary = merge_results(target, list(shards))
+    click.echo(f"merged {summary.merged} checkpoints from {len(shards)} files "
+               f"({summary.already} already there)", err=True)
+    click.echo(f"results: {summary.target}")
 
 
 @analyzer.command("export-onnx")

@@ -11,10 +11,14 @@ The pass is the engine's three parts in a row (see docs/ENGINE.md):
 
 Ctrl-C or SIGTERM stops at once; the checkpoint being computed is stored whole or not at all,
 and a rerun continues.
+
+``--shard K/N`` analyses one slice of the checkpoints into its own file; under ``torchrun`` the
+ranks divide the pending checkpoints and rank 0 alone writes (:mod:`analyzer.distributed`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -25,6 +29,18 @@ from pathlib import Path
 from tqdm import tqdm
 
 from analyzer.compute import SplitsOnDevice, compute_results, per_image_results
+from analyzer.distributed import (
+    Ranks,
+    gather_devices,
+    own_share,
+    process_group,
+    rank_device,
+    results_in_plan_order,
+    send_results,
+    shard_checkpoints,
+    share_plan,
+    torchrun_ranks,
+)
 from analyzer.inputs import find_run_file
 from analyzer.pass_setup import Pass, PassRequest, set_up_pass
 from analyzer.plan import (
@@ -36,6 +52,7 @@ from analyzer.plan import (
 )
 from analyzer.stopping import StopRequested, StopSignals
 from store.errors import InputError
+from store.merge import open_sink
 from store.model_files import CHECKPOINT_SUFFIXES, CheckpointFile
 from store.results import ResultsSink
 from store.runfile import RUN_FILE, read_run_info
@@ -65,6 +82,7 @@ class ReactionOptions:
     follow: bool = False  # go on with the checkpoints written after the start
     idle: float | None = None  # with follow: stop after this long without a new checkpoint
     poll: float = 0.5  # with follow: seconds between looks at the folder
+    shard: tuple[int, int] | None = None  # (K, N): the K-th of N slices of the checkpoints
 
 
 @dataclass
@@ -76,6 +94,7 @@ class ReactionSummary:
     already: int = 0
     stopped: bool = False
     reason: str = ""
+    writer: bool = True  # False on the ranks of a torchrun job other than rank 0
 
 
 def compute_reaction(options: ReactionOptions, progress: bool = True) -> ReactionSummary:
@@ -85,29 +104,43 @@ def compute_reaction(options: ReactionOptions, progress: bool = True) -> Reactio
         raise InputError("--idle applies to --follow only")
     if options.idle is not None and options.idle <= 0:
         raise InputError(f"--idle must be positive, got {options.idle:g}")
+    if options.shard is not None and options.follow:
+        raise InputError("--shard applies to a post-hoc pass, not to --follow")
+    if options.shard is not None and options.out is None:
+        raise InputError("--shard needs --out SHARD.h5: each shard writes its own results "
+                         "file, joined afterwards by 'analyzer merge'")
+    ranks = torchrun_ranks()
+    if ranks is not None and options.follow:
+        raise InputError("--follow runs in one process: start it without torchrun")
     selection = EpochSelection(options.epochs)
-    with StopSignals() as signals:
+    signals = StopSignals()
+    # Under torchrun, SIGTERM keeps its default action: torchrun ends the job with it while a
+    # rank waits inside a message, which a Python handler would only see afterwards.
+    with signals if ranks is None else contextlib.nullcontext(), \
+            process_group(ranks) if ranks is not None else contextlib.nullcontext():
         try:
             if options.follow:
                 _wait_for_first_checkpoint(options, selection, signals.requested)
-            analysis = set_up_pass(_request(options))
-            return _analyse(options, analysis, selection, signals, progress)
+            analysis = set_up_pass(_request(options, ranks))
+            return _analyse(options, analysis, selection, signals,
+                            progress and (ranks is None or ranks.writer), ranks)
         except StopRequested:
             path = options.out or options.run or Path(options.ckpt_dir).parent / RUN_FILE
             return ReactionSummary(Path(path), stopped=True,
                                    reason="stopped before the first checkpoint")
 
 
-def _request(options: ReactionOptions) -> PassRequest:
+def _request(options: ReactionOptions, ranks: Ranks | None) -> PassRequest:
+    device = options.device if ranks is None else rank_device(options.device, ranks)
     return PassRequest(ckpt_dir=options.ckpt_dir, run=options.run, model=options.model,
                        layer=options.layer, data=options.data, image_size=options.image_size,
                        channels=options.channels, splits=options.splits, score=options.score,
-                       target=options.target, device=options.device, backend=options.backend,
+                       target=options.target, device=device, backend=options.backend,
                        awaiting=options.follow)
 
 
 def _analyse(options: ReactionOptions, analysis: Pass, selection: EpochSelection,
-             signals: StopSignals, progress: bool) -> ReactionSummary:
+             signals: StopSignals, progress: bool, ranks: Ranks | None) -> ReactionSummary:
     for path in analysis.ignored:
         logger.warning(f"ignoring {path.name} (not a checkpoint with an epoch number)")
     inputs = analysis.inputs
@@ -119,6 +152,11 @@ def _analyse(options: ReactionOptions, analysis: Pass, selection: EpochSelection
         checkpoints = [c for c in checkpoints if c.epoch in wanted]
     else:
         checkpoints = [c for c in checkpoints if c.epoch in selection]
+    if options.shard is not None:
+        checkpoints = shard_checkpoints(checkpoints, options.shard)
+        if not checkpoints:
+            logger.warning(f"shard {options.shard[0]}/{options.shard[1]} holds none of the "
+                           "checkpoints (more shards than checkpoints)")
     run_file = analysis.run_file
     if options.follow and run_file is not None:  # only epochs committed to the run file
         committed = read_run_info(run_file).completed_epochs
@@ -126,9 +164,18 @@ def _analyse(options: ReactionOptions, analysis: Pass, selection: EpochSelection
     data = SplitsOnDevice(inputs.splits, analysis.kind.setup.device)
     _preflight(analysis, checkpoints[0] if checkpoints else analysis.checkpoints[0], data)
     results_path = _results_path(options, run_file)
-    sink = _open_sink(results_path, analysis, checkpoints)
     split_names = [split.name for split in inputs.splits]
+    device = str(analysis.kind.setup.device)
+    if ranks is not None:
+        devices = gather_devices(device, ranks)
+        if not ranks.writer:
+            return _compute_share(options, analysis, data, results_path, checkpoints,
+                                  split_names, ranks)
+    sink = _open_sink(results_path, analysis, checkpoints,
+                      devices if ranks is not None else [device])
     pending = plan_pending(checkpoints, split_names, sink.done, results_path)
+    if ranks is not None:
+        share_plan(pending, checkpoints, split_names, ranks)
     summary = ReactionSummary(results_path, already=len(checkpoints) - len(pending))
     if not pending and not options.follow:
         logger.warning(f"all {len(checkpoints)} checkpoints already analysed in "
@@ -145,9 +192,14 @@ def _analyse(options: ReactionOptions, analysis: Pass, selection: EpochSelection
             watcher.state.planned = read_run_info(run_file).epochs
         plan = _followed(pending, watcher, split_names)
     bar = _ProgressBar(progress, len(pending), watcher, sink)
+    results = compute_results(plan if ranks is None else own_share(pending, ranks),
+                              analysis.kind, data, len(inputs.class_names), options.batch_size)
+    if ranks is not None:
+        images = {split.name: len(split.identity.ids) for split in inputs.splits}
+        results = results_in_plan_order(pending, results, images, len(inputs.class_names),
+                                        ranks)
     try:
-        for result in compute_results(plan, analysis.kind, data, len(inputs.class_names),
-                                      options.batch_size):
+        for result in results:
             with signals.writing():
                 sink.store(result)
             summary.analysed += 1
@@ -162,6 +214,20 @@ def _analyse(options: ReactionOptions, analysis: Pass, selection: EpochSelection
             f"no new checkpoint for {options.idle:g} s"
         if run_file != results_path:  # rows grown ahead of the last checkpoint
             sink.trim([c.epoch for c in checkpoints] + sorted(watcher.seen))
+    return summary
+
+
+def _compute_share(options: ReactionOptions, analysis: Pass, data: SplitsOnDevice,
+                   results_path: Path, checkpoints: list[CheckpointFile], split_names: list[str],
+                   ranks: Ranks) -> ReactionSummary:
+    """A rank other than 0: compute this rank's share of rank 0's plan and send each result
+    to rank 0."""
+    plan = own_share(share_plan(None, checkpoints, split_names, ranks), ranks)
+    summary = ReactionSummary(results_path, writer=False)
+    for result in compute_results(plan, analysis.kind, data, len(analysis.inputs.class_names),
+                                  options.batch_size):
+        send_results(result, ranks)
+        summary.analysed += 1
     return summary
 
 
@@ -214,18 +280,18 @@ def _results_path(options: ReactionOptions, run_file: Path | None) -> Path:
     return run_file
 
 
-def _open_sink(path: Path, analysis: Pass, checkpoints: list[CheckpointFile]) -> ResultsSink:
+def _open_sink(path: Path, analysis: Pass, checkpoints: list[CheckpointFile],
+               devices: list[str]) -> ResultsSink:
     """The sink, with a row for every checkpoint (and the run's planned epochs in its run
-    file, whose epoch axis is the training's)."""
+    file, whose epoch axis is the training's), recording ``devices`` as computing rows."""
     axis = {c.epoch for c in analysis.checkpoints} | {c.epoch for c in checkpoints}
     planned: list[int] = []
     if analysis.run_file is not None and path == analysis.run_file:
         planned = list(range(1, read_run_info(path).epochs + 1))
     settings = {**analysis.spec.attributes(), "backend": analysis.backend_name}
-    return ResultsSink(path, class_names=analysis.inputs.class_names,
-                       images={split.name: split.identity for split in analysis.inputs.splits},
-                       settings=settings, device=str(analysis.kind.setup.device),
-                       epochs=sorted(axis | set(planned)), planned=planned)
+    return open_sink(path, devices, class_names=analysis.inputs.class_names,
+                     images={split.name: split.identity for split in analysis.inputs.splits},
+                     settings=settings, epochs=sorted(axis | set(planned)), planned=planned)
 
 
 class _ProgressBar:
