@@ -32,6 +32,7 @@ from store.h5io import (
     add_variable,
     open_for_reading,
     read_strings,
+    remove_stale_copies,
     replace_atomically,
     update_in_place,
 )
@@ -298,6 +299,7 @@ class ResultsSink:
         self.device = device
         self.planned = sorted(planned)
         if self.path.exists():
+            remove_stale_copies(self.path)  # of a writer killed inside an atomic replacement
             check_results_target(self.path, self.class_names, self.images)
         else:
             try:

@@ -151,10 +151,11 @@ def test_a_follower_started_first_ends_by_itself_with_the_post_hoc_results(tmp_p
 
 
 @pytest.mark.slow
-def test_trainer_and_follower_killed_at_random_moments_then_restarted(tmp_path):
-    run, epochs = tmp_path / "run", 60
+@pytest.mark.parametrize("onnx", [False, True], ids=["safetensors", "onnx-twins"])
+def test_trainer_and_follower_killed_at_random_moments_then_restarted(tmp_path, onnx):
+    run, epochs = tmp_path / "run", 40 if onnx else 60
     rng = random.Random(7)
-    training = start("trainer", *train_args(run, epochs))
+    training = start("trainer", *train_args(run, epochs, *(["--onnx"] if onnx else [])))
     watching = follower(run / "checkpoints", "-q")
     kills = {"trainer": 0, "follower": 0}
     deadline = time.monotonic() + 240
@@ -165,7 +166,8 @@ def test_trainer_and_follower_killed_at_random_moments_then_restarted(tmp_path):
             training.send_signal(signal.SIGKILL)
             training.wait()
             kills["trainer"] += 1
-            resume = ("--resume",) if (run / "run.h5").exists() else ("--epochs", str(epochs))
+            resume = ("--resume",) if (run / "run.h5").exists() else \
+                ("--epochs", str(epochs), *(["--onnx"] if onnx else []))
             training = start("trainer", "run", "--out", str(run), *resume, "-q")
         elif watching.poll() is None:
             watching.send_signal(signal.SIGKILL)
@@ -186,14 +188,23 @@ def test_a_foreign_folder_fed_by_a_script_is_followed_into_out_until_idle(tmp_pa
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     out = tmp_path / "results.h5"
-    watching = start("analyzer", "reaction", "--ckpt-dir", str(foreign), "--model", "small",
-                     "--data", f"train={write_digit_folder(tmp_path / 'images')}",
-                     "--out", str(out), "--follow", "--idle", "3", "--poll", "0.1", "-q")
+    images = write_digit_folder(tmp_path / "images")
+
+    def start_follower() -> subprocess.Popen:
+        return start("analyzer", "reaction", "--ckpt-dir", str(foreign), "--model", "small",
+                     "--data", f"train={images}", "--out", str(out), "--follow", "--idle", "3",
+                     "--poll", "0.1", "-q")
+
+    watching = start_follower()
     for checkpoint in sorted((source / "checkpoints").glob("*.safetensors")):
         temporary = foreign / f".{checkpoint.name}.tmp"
         shutil.copyfile(checkpoint, temporary)
         os.replace(temporary, foreign / checkpoint.name)  # as a trainer writes atomically
-        time.sleep(0.05)
+        time.sleep(0.1)
+        if checkpoint.name == "epoch_0018.safetensors":  # killed once, mid-run
+            watching.send_signal(signal.SIGKILL)
+            watching.wait()
+            watching = start_follower()
     stderr = finish(watching, timeout=120)
     assert "no new checkpoint for 3 s" in stderr
     reference = tmp_path / "reference.h5"
@@ -201,6 +212,7 @@ def test_a_foreign_folder_fed_by_a_script_is_followed_into_out_until_idle(tmp_pa
                      "--data", f"train={tmp_path / 'images'}", "--out", str(reference), "-q")
     assert result.returncode == 0, result.stderr
     assert_same_results(out, reference)
+    assert not list(tmp_path.glob("results.h5.*.tmp"))  # a killed copy's leftovers removed
     with h5py.File(out, "r") as handle:  # the rows grown ahead were trimmed at the end
         assert handle["reaction/train/epoch"][()].tolist() == list(range(1, 31))
 
