@@ -228,3 +228,17 @@ def test_a_signal_during_a_write_is_held_back_until_the_write_is_over():
     with StopSignals(), pytest.raises(StopRequested):
         os.kill(os.getpid(), signal.SIGINT)
         time.sleep(1)
+
+
+def test_a_format_1_0_file_without_weighting_is_read_and_extended_as_gradcam(tmp_path):
+    path = tmp_path / "results.h5"
+    sink(path, [1, 2]).store(checkpoint_results(1))
+    with h5py.File(path, "r+") as handle:  # as format 1.0 wrote it
+        handle.attrs["format_version"] = "1.0"
+        for split in IMAGES:
+            del handle[f"reaction/{split}"].attrs["weighting"]
+    reopened = sink(path, [1, 2, 3])  # same settings, one epoch more: accepted
+    reopened.store(checkpoint_results(3))
+    stored = read_split_results(path, "train")
+    assert stored["settings"]["weighting"] == "gradcam"
+    assert stored["epoch"].tolist() == [1, 3]
