@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
+import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
@@ -128,8 +129,15 @@ def _talk(ranks: Ranks, what: str, call: Callable[..., object], *args: object,
     try:
         return call(*args, **kwargs)
     except RuntimeError as error:  # DistBackendError and gloo's own errors
-        raise InputError(f"rank {ranks.rank}: {what} failed, another rank ended (its error "
-                         f"is above): {first_line(error)}") from None
+        raise InputError(f"rank {ranks.rank}: {what} failed ({_reason(error)}): another rank "
+                         "ended, its error is above") from None
+
+
+def _reason(error: BaseException) -> str:
+    """Gloo's message without its source location and advice: ``Connection closed by peer
+    [127.0.0.1]:52098``."""
+    text = re.sub(r"^\[[^\]]*\]\s*", "", first_line(error))
+    return text.split(". ")[0].rstrip(".")
 
 
 def gather_devices(device: str, ranks: Ranks) -> list[str]:
