@@ -149,3 +149,15 @@ def test_shard_options_are_checked(tmp_path):
         "joined afterwards by 'analyzer merge'"
     assert refused("reaction", "--ckpt-dir", folder, "--shard", "2/3", "--out", "x.h5",
                    "--follow") == "Error: --shard applies to a post-hoc pass, not to --follow"
+
+
+def test_a_reader_holding_hdf5_file_locks_does_not_block_a_merge(shards, tmp_path):
+    """What a shared file system sees: the writers open files with HDF5's own locking off and
+    serialise on the flock side file; a reader with HDF5's locks on does not stop them."""
+    merged = tmp_path / "merged.h5"
+    ok("merge", str(merged), str(shards["1/3"]))
+    with h5py.File(merged, "r", locking=True) as reader:  # HDF5 takes its lock on the file
+        ok("merge", str(merged), str(shards["2/3"]), str(shards["3/3"]))
+        assert reader["reaction/train/computed"][()].sum() == 7  # rows written in place
+    assert_same_results(merged, shards["single"])
+    assert (tmp_path / "merged.h5.lock").exists()
