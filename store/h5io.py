@@ -83,6 +83,10 @@ def writer_lock(
                     on_wait(path)
                     announced = True
                 time.sleep(0.05)
+            except OSError as error:  # ENOLCK, EOPNOTSUPP: a file system without flock
+                raise InputError(f"cannot lock {lock_path(path)} ({error.strerror}): this "
+                                 "file system gives no flock (NFS without its lock manager?); "
+                                 "write on a local disk") from None
         try:
             yield
         finally:
