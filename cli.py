@@ -633,6 +633,71 @@ def analyzer_extract(file: Path, series: tuple[str, ...], threshold: str, window
         click.echo(f"stored in {file}:/extract", err=True)
 
 
+@analyzer.command("compare")
+@click.argument("run_files", nargs=-1, required=True,
+                type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--series", "series", multiple=True, metavar="NAME",
+              help="Series to pick from (repeatable or comma-separated), as for 'analyzer "
+                   "extract'. Default: loss:val and reaction:train.")
+@click.option("--criterion", type=click.Choice(["minimum", "threshold"]), default=None,
+              help="Default: minimum, or threshold when --threshold is given.")
+@click.option("--threshold", default=None, metavar="T|auto",
+              help="T in (0, 1] of the threshold criterion (default 0.3), or 'auto' for the "
+                   "criterion without a hand-set threshold (docs/EXTRACT.md).")
+@click.option("--window", default=100, show_default=True, type=int,
+              help="Values in the standard-deviation (or trend-test) window.")
+@click.option("--sweep", is_flag=True,
+              help="The threshold criterion at every T = 0.01, 0.02, …, 1.00; the table "
+                   "counts per run.")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="With --sweep: draw figs. 5.10-5.11 per run, side by side (.png, .pdf, "
+                   ".svg).")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON list instead of a table.")
+@click.option("--csv", "as_csv", is_flag=True, help="Print CSV instead of a table.")
+@_user_errors
+def analyzer_compare(run_files: tuple[Path, ...], series: tuple[str, ...],
+                     criterion: str | None, threshold: str | None, window: int, sweep: bool,
+                     out: Path | None, as_json: bool, as_csv: bool) -> None:
+    """Compare the epochs picked by Reaction and by the loss across runs (table 5.1).
+
+    One row per run, series and criterion with the test accuracy there, the best of any
+    epoch and the shortfall; then how often Reaction's pick beats the loss's.
+
+    \b
+    Examples:
+      analyzer compare runs/m1/run.h5 runs/m2/run.h5 runs/m4/run.h5
+      analyzer compare runs/*/run.h5 --criterion threshold --threshold 0.3 --json
+      analyzer compare runs/*/run.h5 --sweep --out figs/compare.png
+    """
+    from analyzer import compare
+    from analyzer.extract_file import parse_threshold
+
+    if as_json and as_csv:
+        raise InputError("--json and --csv exclude each other")
+    if out is not None and not sweep:
+        raise InputError("--out draws the threshold sweep: give --sweep too")
+    criteria = compare.parse_criteria(
+        criterion, None if threshold is None else parse_threshold(threshold), sweep, window)
+    names = _split_list(",".join(series)) or list(compare.COMPARE_SERIES)
+    rows = compare.compare_rows(compare.load_compare_runs(run_files, names), names, criteria,
+                                window)
+    pair = compare.reaction_and_baseline(names)
+    if as_json or as_csv:
+        click.echo(compare.to_json(rows) if as_json else compare.to_csv(rows), nl=as_json)
+        for run, note in dict.fromkeys((row.run, row.note) for row in rows if row.note):
+            click.echo(f"note: {run}: {note}", err=True)
+    else:
+        click.echo(compare.format_sweep_table(rows, *pair) if sweep and pair
+                   else compare.format_table(rows))
+        for summary in compare.summarize(rows, *pair) if pair else []:
+            click.echo(summary.text())
+        if pair is None:
+            click.echo("no summary: it needs a Reaction series and another series", err=True)
+    if out is not None:
+        compare.write_figure(compare.sweep_figure(rows), out)
+        click.echo(f"wrote {out}", err=True)
+
+
 @analyzer.command("info")
 @click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")

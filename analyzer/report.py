@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 from matplotlib.figure import Figure
 
+from analyzer.compare import COMPARE_SERIES, CompareRun, compare_rows, summarize
 from analyzer.extract import Extraction, best_accuracy, extract
 from analyzer.extract_file import uses_peak_rule
 from analyzer.figures import (
@@ -173,10 +174,13 @@ def cam_figures(runs: Sequence[RunData], options: ReportOptions) -> list[NamedFi
 
 def extract_tables(runs: Sequence[RunData]) -> list[Table]:
     """The epochs each criterion of docs/METHOD.md §4 picks, with the test accuracy there: a summary
-    in the layout of thesis table 5.1 (minimum and auto criteria), then every criterion of
-    every run (thresholds of :data:`REPORT_THRESHOLDS`)."""
+    in the layout of thesis table 5.1 (minimum and auto criteria), with several runs the
+    comparison of `analyzer compare`, then every criterion of every run (thresholds of
+    :data:`REPORT_THRESHOLDS`)."""
     picked = {run.label: _extractions(run) for run in runs}
     tables = [_summary_table(runs, picked)]
+    if len(runs) > 1:
+        tables.append(comparison_table(runs))
     for run in runs:
         if not picked[run.label]:
             continue
@@ -190,6 +194,24 @@ def extract_tables(runs: Sequence[RunData]) -> list[Table]:
                             ("series", "criterion", "threshold T", "epoch", "test accuracy %"),
                             rows, (False, False, True, True, True)))
     return tables
+
+
+def comparison_table(runs: Sequence[RunData]) -> Table:
+    """`analyzer compare` over the runs (minimum criterion): each pick's test accuracy, the
+    best of any epoch and the shortfall, with the summary of Reaction against the loss in
+    the caption."""
+    compared = [CompareRun(run.path, run.label, str(run.config.get("model", "results")),
+                           {name: run.series[name] for name in COMPARE_SERIES
+                            if name in run.series}, run.series.get(HDF5_TEST_SERIES))
+                for run in runs]
+    rows = compare_rows(compared)
+    summary = " ".join(s.text() for s in summarize(rows, "reaction:train", "loss:val"))
+    body = [(row.run, row.series, _cell(row.epoch, "{}", "none"), _percent(row.test_accuracy),
+             _percent(row.best_test_accuracy), _percent(row.shortfall), row.note)
+            for row in rows]
+    return Table(f"Across runs (analyzer compare), minimum criterion. {summary}",
+                 ("run", "series", "epoch", "test acc %", "best test acc %", "shortfall pts",
+                  "note"), body, (False, False, True, True, True, True, False))
 
 
 def _extractions(run: RunData) -> list[Extraction]:
