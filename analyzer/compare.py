@@ -115,10 +115,11 @@ class Summary:
         elif self.thresholds:
             what += f" T={self.thresholds[0]:.2f}…{self.thresholds[-1]:.2f}"
         unit = "run × threshold pairs" if len(self.thresholds) > 1 else "runs"
-        mean = "-" if self.mean_difference is None else f"{self.mean_difference:+.2f}"
+        mean = "no mean difference" if self.mean_difference is None else \
+            f"mean difference {self.mean_difference:+.2f} points"
         return (f"{what}: {self.reaction} pick vs {self.baseline} pick, test accuracy over "
                 f"{self.compared} of {self.pairs} {unit}: higher in {self.higher}, equal in "
-                f"{self.equal}, lower in {self.lower}; mean difference {mean} points")
+                f"{self.equal}, lower in {self.lower}; {mean}")
 
 
 def parse_criteria(criterion: str | None, threshold: float | str | None, sweep: bool,

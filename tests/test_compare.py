@@ -188,6 +188,9 @@ def test_threshold_and_auto_criteria(runs):
     auto = compare_rows(two[1:], criteria=parse_criteria("threshold", "auto", False, 100))
     assert [(r.criterion, r.epoch, r.note) for r in auto] == [
         ("auto", None, "no epoch satisfies the criterion"), ("auto", 6, "")]
+    [summary] = summarize(auto, "reaction:train", "loss:val")
+    assert summary.text().endswith("over 0 of 1 runs: higher in 0, equal in 0, lower in 0; "
+                                   "no mean difference")
 
 
 def test_sweep_summary_over_every_threshold(runs):
