@@ -9,15 +9,11 @@ import shlex
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import click
 from tqdm import tqdm
 
 from store.errors import InputError, first_line
-
-if TYPE_CHECKING:
-    from trainer.train import CheckpointWriter, TrainConfig
 
 _NOTE_PACKAGES = ("store", "trainer", "analyzer")
 
@@ -111,7 +107,9 @@ def trainer() -> None:
 @click.option("--device", default="auto", show_default=True,
               help="auto, cpu, cuda or cuda:N.")
 @click.option("--resume", is_flag=True,
-              help="Continue the run in --out from its last complete epoch (its settings).")
+              help="Continue the run in --out from its last complete epoch, with its own "
+                   "settings: options typed again must equal them; --epochs M above the "
+                   "run's lengthens it.")
 @click.option("--force", is_flag=True, help="Start over even if --out holds a run.")
 @click.option("--onnx", is_flag=True,
               help="Also write checkpoints/epoch_NNNN.onnx, with the Grad-CAM gradient graph "
@@ -129,46 +127,36 @@ def trainer_run(out: Path, data: str, test_data: str | None, model: str, epochs:
       trainer run --out runs/demo
       trainer run --data siw13/train --test siw13/test --model model4 --out runs/m4
       trainer run --out runs/demo --resume
+      trainer run --out runs/demo --resume --epochs 2000
       trainer run --out runs/demo --onnx
     """
-    from trainer.train import TrainConfig, train
+    from analyzer.onnx_export import OnnxTwinWriter
+    from trainer.train import TrainConfig, resume_config, train
 
     _configure_notes(quiet)
     if resume and force:
         raise InputError("--resume and --force exclude each other")
-    if resume:
-        _refuse_given_options(("data", "test_data", "model", "epochs", "batch_size",
-                               "learning_rate", "val_fraction", "seed", "image_size",
-                               "channels", "onnx"), "--resume continues with the run's own")
     config = TrainConfig(data=data, test=test_data, model=model, epochs=epochs,
                          batch_size=batch_size, learning_rate=learning_rate,
                          val_fraction=val_fraction, seed=seed, image_size=image_size,
                          channels=channels, onnx=onnx)
+    if resume:  # the run's own settings; those typed again must equal them (--epochs: or more)
+        typed = {"test" if name == "test_data" else name: value
+                 for name, value in _typed_options().items()}
+        config = resume_config(out, {name: value for name, value in typed.items()
+                                     if hasattr(config, name)})
     command = shlex.join(["trainer", *sys.argv[1:]])
     run_path = train(config, out, resume=resume, force=force, device=device,
                      progress=not quiet, command=command,
-                     checkpoint_writers=_checkpoint_writers(config, out, resume))
+                     checkpoint_writers=[OnnxTwinWriter()] if config.onnx else [])
     click.echo(f"run file: {run_path}")
 
 
-def _checkpoint_writers(config: TrainConfig, out: Path,
-                        resume: bool) -> list[CheckpointWriter]:
-    """The ONNX twin writer when the run asks for it (a resumed run: its stored config)."""
-    from analyzer.onnx_export import OnnxTwinWriter
-    from trainer.train import resume_config
-
-    wants_onnx = (resume_config(out) if resume else config).onnx
-    return [OnnxTwinWriter()] if wants_onnx else []
-
-
-def _refuse_given_options(names: tuple[str, ...], why: str) -> None:
-    """InputError naming the options of ``names`` that the command line set explicitly."""
+def _typed_options() -> dict[str, object]:
+    """The options of the current command that its command line set explicitly."""
     context = click.get_current_context()
-    given = [option.opts[0] for option in context.command.params
-             if option.name in names and context.get_parameter_source(option.name)
-             == click.core.ParameterSource.COMMANDLINE]
-    if given:
-        raise InputError(f"{why} settings: drop {', '.join(given)}")
+    return {name: value for name, value in context.params.items()
+            if context.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE}
 
 
 @trainer.command("models")

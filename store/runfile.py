@@ -139,6 +139,32 @@ def _create_training_group(handle: h5py.File, epochs: int, class_names: Sequence
     completed.attrs["long_name"] = "number of epochs whose rows are complete (written last)"
 
 
+def lengthen_run(path: Path, epochs: int, *, config: dict) -> None:
+    """Grow the run's epoch axis to ``epochs`` (``trainer run --resume --epochs M``).
+
+    Every committed row is kept, the new rows are "not yet", ``config`` (with the new
+    ``epochs``) replaces the stored one and the run is marked unfinished again; all in one
+    atomic replacement, so a kill leaves the run as it was.
+    """
+    with replace_atomically(Path(path)) as handle:
+        old = handle["training"]
+        known = int(old["epoch"].shape[0])
+        if epochs <= known:
+            return
+        class_names = read_strings(old["class"])
+        rows = {name: old[name][()] for name in
+                (*_SCALAR_CURVES, *_CLASS_CURVES, "checkpoint_file", "checkpoint_sha256")}
+        completed = int(old["completed_epochs"][()])
+        del handle["training"]
+        _create_training_group(handle, epochs, class_names)
+        group = handle["training"]
+        for name, values in rows.items():
+            group[name][:known] = values
+        group["completed_epochs"][()] = completed
+        handle.attrs["config"] = json.dumps(config, sort_keys=True)
+        handle["provenance"].attrs["finished"] = ""
+
+
 def write_epoch(path: Path, record: EpochRecord) -> None:
     """Store one epoch's rows in place, then advance ``completed_epochs`` to it."""
     row = record.epoch - 1

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import re
 import signal
 import subprocess
 import time
+from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
 
@@ -16,8 +18,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from analyzer.reaction import ReactionOptions, compute_reaction
 from store.checkpoints import load_checkpoint, sha256_file
 from store.errors import InputError
+from store.results import read_split_results
 from store.runfile import read_provenance, read_run_info, read_training_curves
 from tests.conftest import ROOT, script, tree
 from trainer.models import ModelSpec, build_model
@@ -82,11 +86,83 @@ def test_resume_of_a_finished_run_changes_nothing(tmp_path, cli):
     before = tree(out)
     assert cli("trainer", "run", "--out", str(out), "--resume", "-q").returncode == 0
     assert tree(out) == before  # the run file's "finished" time included
-    other = cli("trainer", "run", "--out", str(out), "--resume", "--lr", "0.5", "--epochs", "9")
-    assert other.returncode == 1
-    assert other.stderr.strip() == ("Error: --resume continues with the run's own settings: "
-                                    "drop --epochs, --lr")
+    again = cli("trainer", "run", "--out", str(out), "--epochs", "2", "--seed", "0",
+                "--lr", "1e-4", "--data", "digits", "--resume", "-q")  # the same command again
+    assert again.returncode == 0, again.stderr
     assert tree(out) == before
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    (["--lr", "0.5"], "--lr 0.5 differs from this run's 0.0001"),
+    (["--seed", "4"], "--seed 4 differs from this run's 0"),
+    (["--image-size", "10x10"], "--image-size 10x10 differs from this run's none"),
+    (["--onnx"], "--onnx on differs from this run's off"),
+    (["--epochs", "1"], "--epochs 1 is below this run's 2"),
+])
+def test_resume_refuses_a_different_setting_naming_both_values(tmp_path, options, message):
+    out = tmp_path / "demo"
+    train(TrainConfig(epochs=2), out, progress=False)
+    before = tree(out)
+    with pytest.raises(InputError, match=re.escape(message)):
+        train(TrainConfig(**{**TrainConfig(epochs=2).__dict__, **_fields(options)}), out,
+              resume=True, progress=False)
+    assert tree(out) == before
+
+
+def _fields(options: list[str]) -> dict[str, object]:
+    """``["--lr", "0.5"]`` as TrainConfig fields (``--onnx``: a flag)."""
+    names = {"--lr": ("learning_rate", float), "--seed": ("seed", int),
+             "--image-size": ("image_size", str), "--epochs": ("epochs", int)}
+    if options == ["--onnx"]:
+        return {"onnx": True}
+    name, kind = names[options[0]]
+    return {name: kind(options[1])}
+
+
+def test_resume_accepts_the_image_size_the_run_has_and_the_data_folder_spelled_otherwise(
+        tmp_path, cli):
+    data = write_png_classes(tmp_path / "pngs", {"a": 6, "b": 6})
+    out = tmp_path / "run"
+    first = cli("trainer", "run", "--out", str(out), "--data", str(data), "--epochs", "1",
+                "--image-size", "12x40", "-q")
+    assert first.returncode == 0, first.stderr
+    spelled = cli("trainer", "run", "--out", str(out), "--data", f"{data}/../pngs/",
+                  "--image-size", "12X40", "--epochs", "2", "--resume", "-q")
+    assert spelled.returncode == 0, spelled.stderr
+    assert read_run_info(out / "run.h5").completed_epochs == 2
+
+
+def test_resume_with_more_epochs_lengthens_the_run_and_equals_a_longer_run(tmp_path, cli):
+    short, long = tmp_path / "short", tmp_path / "long"
+    assert cli("trainer", "run", "--out", str(short), "--epochs", "2", "--seed", "3",
+               "-q").returncode == 0
+    test_split = ReactionOptions(ckpt_dir=short / "checkpoints", splits=["test"])
+    compute_reaction(test_split, progress=False)
+    early = read_split_results(short / "run.h5", "test")
+    lengthened = cli("trainer", "run", "--out", str(short), "--epochs", "4", "--seed", "3",
+                     "--resume", "-q")
+    assert lengthened.returncode == 0, lengthened.stderr
+    assert cli("trainer", "run", "--out", str(long), "--epochs", "4", "--seed", "3",
+               "-q").returncode == 0
+    info = read_run_info(short / "run.h5")
+    assert (info.epochs, info.completed_epochs, info.config["epochs"]) == (4, 4, 4)
+    grown, reference = read_training_curves(short / "run.h5"), read_training_curves(
+        long / "run.h5")
+    assert grown["epoch"].tolist() == [1, 2, 3, 4]
+    for name in CURVES:
+        np.testing.assert_array_equal(grown[name], reference[name], err_msg=name)
+    assert tree(short / "checkpoints") == tree(long / "checkpoints")  # value for value
+    provenance = read_provenance(short / "run.h5")
+    assert provenance["finished"]
+    assert [(r["epoch"], r["epochs"]) for r in json.loads(provenance["resumes"])] == [(3, 4)]
+
+    assert compute_reaction(test_split, progress=False).analysed == 2  # epochs 3 and 4 only
+    grown_results = read_split_results(short / "run.h5", "test")
+    assert grown_results["epoch"].tolist() == [1, 2, 3, 4]
+    np.testing.assert_array_equal(grown_results["image_reaction"][:2], early["image_reaction"])
+    compute_reaction(replace(test_split, ckpt_dir=long / "checkpoints"), progress=False)
+    np.testing.assert_array_equal(grown_results["image_reaction"],
+                                  read_split_results(long / "run.h5", "test")["image_reaction"])
 
 
 def write_png_classes(root: Path, counts: dict[str, int]) -> Path:

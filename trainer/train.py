@@ -14,8 +14,8 @@ import platform
 import socket
 import sys
 import time
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, replace
 from datetime import datetime
 from importlib import metadata
 from pathlib import Path
@@ -51,7 +51,9 @@ from store.runfile import (
     RUN_FILE,
     TRAINER_LOCK,
     EpochRecord,
+    RunInfo,
     create_run_file,
+    lengthen_run,
     read_provenance,
     read_run_info,
     update_provenance,
@@ -142,13 +144,15 @@ class _Session:
     writers: Sequence[CheckpointWriter] = ()
 
 
-def train(config: TrainConfig, out: Path, *, resume: bool = False, force: bool = False,
+def train(config: TrainConfig | None, out: Path, *, resume: bool = False, force: bool = False,
           device: str = "auto", progress: bool = True, command: str = "",
           checkpoint_writers: Sequence[CheckpointWriter] = ()) -> Path:
     """Train ``config`` into ``out``; return the run file's path.
 
     Args:
-        config: training settings (ignored with ``resume``: the run file's are used).
+        config: training settings. With ``resume``: None for the run's own, or settings
+            that equal them (see :func:`resume_config`) but for a larger ``epochs``, which
+            lengthens the run.
         out: output folder: ``run.h5``, ``checkpoints/epoch_NNNN.safetensors``, resume file.
         resume: continue the run in ``out`` from its last complete epoch.
         force: start over even if ``out`` already holds a run.
@@ -163,7 +167,9 @@ def train(config: TrainConfig, out: Path, *, resume: bool = False, force: bool =
     run_path = out / RUN_FILE
     torch_device = resolve_device(device)
     if resume:
-        config = resume_config(out)
+        config = resume_config(out, None if config is None else asdict(config))
+    elif config is None:
+        raise InputError("train() needs a TrainConfig for a new run")
     else:
         _refuse_existing_run(run_path, force)
         config.validate()
@@ -174,6 +180,8 @@ def train(config: TrainConfig, out: Path, *, resume: bool = False, force: bool =
         if resume:
             _check_same_splits(plan, run_path)
             _restore(session, out, run_path)
+            if config.epochs > read_run_info(run_path).epochs:
+                lengthen_run(run_path, config.epochs, config=asdict(config))
         else:
             _refuse_existing_run(run_path, force)  # again: a trainer may have just finished
             _start_new_run(config, source, plan, session, out, command)
@@ -191,12 +199,63 @@ def _refuse_existing_run(run_path: Path, force: bool) -> None:
                          "or --force to start over")
 
 
-def resume_config(out: Path) -> TrainConfig:
-    """The settings of the run in ``out``, which ``train(..., resume=True)`` continues with."""
+OPTIONS = {"data": "--data", "test": "--test", "model": "--model", "epochs": "--epochs",
+           "batch_size": "--batch-size", "learning_rate": "--lr",
+           "val_fraction": "--val-fraction", "seed": "--seed", "image_size": "--image-size",
+           "channels": "--channels", "onnx": "--onnx"}  # TrainConfig field -> trainer option
+
+
+def resume_config(out: Path, given: Mapping[str, object] | None = None) -> TrainConfig:
+    """The settings of the run in ``out``, which ``train(..., resume=True)`` continues with.
+
+    Args:
+        out: the run folder.
+        given: settings the caller names again (``trainer run --resume`` passes the options
+            typed on its command line). Each must equal the run's own, except ``epochs``,
+            which may be larger: the run is lengthened to it.
+
+    Raises:
+        InputError: naming the option, the run's value and the given one, for a setting that
+            differs, or an ``epochs`` below the run's.
+    """
     run_path = Path(out) / RUN_FILE
     if not run_path.exists():
         raise InputError(f"nothing to resume: {run_path} does not exist")
-    return TrainConfig(**read_run_info(run_path).config)
+    info = read_run_info(run_path)
+    stored = TrainConfig(**info.config)
+    given = dict(given or {})
+    for name, value in given.items():
+        if name != "epochs" and not _same_setting(name, getattr(stored, name), value, info):
+            raise InputError(f"{OPTIONS[name]} {_shown(value)} differs from this run's "
+                             f"{_shown(getattr(stored, name))} ({run_path}): --resume "
+                             f"continues a run with its own settings; drop {OPTIONS[name]} "
+                             "or start another run with --out")
+    epochs = int(given.get("epochs", stored.epochs))
+    if epochs < stored.epochs:
+        raise InputError(f"--epochs {epochs} is below this run's {stored.epochs} "
+                         f"({run_path}): a run is lengthened, never shortened; analyse "
+                         "fewer epochs with 'analyzer reaction --epochs'")
+    return replace(stored, epochs=epochs)
+
+
+def _same_setting(name: str, stored: object, given: object, info: RunInfo) -> bool:
+    """Whether ``given`` names the run's setting ``stored``: equal values, the same folder
+    spelled another way, or the image size the run actually has."""
+    if stored == given:
+        return True
+    if name in ("data", "test") and isinstance(stored, str) and isinstance(given, str):
+        return Path(stored).exists() and Path(stored).resolve() == Path(given).resolve()
+    if name == "image_size" and isinstance(given, str):
+        actual = tuple(json.loads(info.model)["image_size"])
+        return parse_image_size(given) == (parse_image_size(stored) if stored else actual)
+    return False
+
+
+def _shown(value: object) -> str:
+    """A setting as the user would type it (``none`` unset, ``on``/``off`` for a flag)."""
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return "none" if value is None else str(value)
 
 
 def _check_writers(config: TrainConfig, writers: Sequence[CheckpointWriter]) -> None:
@@ -307,8 +366,8 @@ def _loop(session: _Session, out: Path, run_path: Path, device: torch.device,
     start = read_run_info(run_path).completed_epochs + 1
     if start > 1 and start <= config.epochs:
         resumes = json.loads(read_provenance(run_path).get("resumes", "[]"))
-        update_provenance(run_path, resumes=json.dumps([*resumes, {"epoch": start,
-                                                                    "time": _now()}]))
+        resumed = {"epoch": start, "epochs": config.epochs, "time": _now()}
+        update_provenance(run_path, resumes=json.dumps([*resumes, resumed]))
     bar = tqdm(range(start, config.epochs + 1), initial=start - 1, total=config.epochs,
                disable=not progress, unit="epoch", dynamic_ncols=True)
     for epoch in bar:
