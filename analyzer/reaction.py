@@ -52,7 +52,6 @@ from analyzer.plan import (
 )
 from analyzer.stopping import StopRequested, StopSignals
 from store.errors import InputError
-from store.merge import open_sink
 from store.model_files import CHECKPOINT_SUFFIXES, CheckpointFile
 from store.results import ResultsSink
 from store.runfile import RUN_FILE, read_run_info
@@ -171,8 +170,19 @@ def _analyse(options: ReactionOptions, analysis: Pass, selection: EpochSelection
         if not ranks.writer:
             return _compute_share(options, analysis, data, results_path, checkpoints,
                                   split_names, ranks)
-    sink = _open_sink(results_path, analysis, checkpoints,
-                      devices if ranks is not None else [device])
+    with _open_sink(results_path, analysis, checkpoints,
+                    devices if ranks is not None else [device]) as sink:
+        return _store_pass(options, analysis, sink, checkpoints, data, selection, signals,
+                           progress, ranks)
+
+
+def _store_pass(options: ReactionOptions, analysis: Pass, sink: ResultsSink,
+                checkpoints: list[CheckpointFile], data: SplitsOnDevice,
+                selection: EpochSelection, signals: StopSignals, progress: bool,
+                ranks: Ranks | None) -> ReactionSummary:
+    """Rank 0 or the only process: plan what ``sink`` lacks, compute it, store it."""
+    inputs, run_file, results_path = analysis.inputs, analysis.run_file, sink.path
+    split_names = [split.name for split in inputs.splits]
     pending = plan_pending(checkpoints, split_names, sink.done, results_path)
     if ranks is not None:
         share_plan(pending, checkpoints, split_names, ranks)
@@ -282,16 +292,16 @@ def _results_path(options: ReactionOptions, run_file: Path | None) -> Path:
 
 def _open_sink(path: Path, analysis: Pass, checkpoints: list[CheckpointFile],
                devices: list[str]) -> ResultsSink:
-    """The sink, with a row for every checkpoint (and the run's planned epochs in its run
+    """The sink, wanting a row for every checkpoint (and the run's planned epochs in its run
     file, whose epoch axis is the training's), recording ``devices`` as computing rows."""
     axis = {c.epoch for c in analysis.checkpoints} | {c.epoch for c in checkpoints}
     planned: list[int] = []
     if analysis.run_file is not None and path == analysis.run_file:
         planned = list(range(1, read_run_info(path).epochs + 1))
     settings = {**analysis.spec.attributes(), "backend": analysis.backend_name}
-    return open_sink(path, devices, class_names=analysis.inputs.class_names,
-                     images={split.name: split.identity for split in analysis.inputs.splits},
-                     settings=settings, epochs=sorted(axis | set(planned)), planned=planned)
+    return ResultsSink(path, devices=devices, class_names=analysis.inputs.class_names,
+                       images={split.name: split.identity for split in analysis.inputs.splits},
+                       settings=settings, epochs=sorted(axis | set(planned)), planned=planned)
 
 
 class _ProgressBar:

@@ -30,7 +30,6 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from store.merge import open_sink  # noqa: E402
 from store.results import CheckpointResults, EpochResult, ResultsSink, SplitImages  # noqa: E402
 
 BIN = Path(sys.executable).parent
@@ -85,11 +84,11 @@ def synthetic_sink(path: Path, images: int, rows: int) -> ResultsSink:
     """A results file of one split of ``images`` images and ``rows`` epochs."""
     identity = SplitImages([str(i) for i in range(images)],
                            np.random.default_rng(1).integers(0, CLASSES, images))
-    return open_sink(path, ["cpu"], class_names=[str(c) for c in range(CLASSES)],
-                     images={"train": identity},
-                     settings={"layer": "features", "score": "logit", "target": "label",
-                               "weighting": "gradcam", "backend": "torch"},
-                     epochs=list(range(1, rows + 1)))
+    return ResultsSink(path, devices=["cpu"], class_names=[str(c) for c in range(CLASSES)],
+                       images={"train": identity},
+                       settings={"layer": "features", "score": "logit", "target": "label",
+                                 "weighting": "gradcam", "backend": "torch"},
+                       epochs=list(range(1, rows + 1)))
 
 
 def sink_capacity(folder: Path, images: int, rows: int) -> None:

@@ -118,7 +118,7 @@ class Follow:
             self.run_file, self.path, planned, epochs = None, folder / "results.h5", (), [1]
         began = time.perf_counter()
         self.sink = ResultsSink(self.path, class_names=class_names, images=images,
-                                settings=SETTINGS, device="cpu", epochs=epochs,
+                                settings=SETTINGS, devices=["cpu"], epochs=epochs,
                                 planned=planned)
         self.open_seconds = time.perf_counter() - began
         self.watcher = CheckpointWatcher(self.checkpoints, (".safetensors",),

@@ -233,7 +233,7 @@ def run(folder: Path, names: list[str], images: int, epochs: int, classes: int,
 
     def create_sink() -> ResultsSink:
         return ResultsSink(path, class_names=[f"class{c:02d}" for c in range(classes)],
-                           images=identities, settings=settings, device="cpu",
+                           images=identities, settings=settings, devices=["cpu"],
                            epochs=range(1, epochs + 1))
 
     began = time.perf_counter()

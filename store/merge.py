@@ -42,18 +42,6 @@ _RUN_FORMAT = "reaction-run"
 _ROW_FIELDS = tuple(f.name for f in dataclasses.fields(EpochResult) if f.name != "epoch")
 
 
-def open_sink(path: Path, devices: Sequence[str], **sink_args: object) -> ResultsSink:
-    """A :class:`ResultsSink` on ``path`` whose groups record every one of ``devices`` as
-    computing rows (the sink records one device per opening: each new one costs one atomic
-    replacement, once). ``sink_args`` are the sink's own keyword arguments."""
-    sink = None
-    for device in sorted(set(devices)):
-        sink = ResultsSink(path, device=device, **sink_args)  # type: ignore[arg-type]
-    if sink is None:
-        raise InputError(f"no device computed the results for {path}")
-    return sink
-
-
 @dataclass
 class _Split:
     """What one file holds for one split."""
@@ -194,11 +182,12 @@ def merge_results(target: Path, shards: Sequence[Path]) -> MergeSummary:
     planned = existing.planned if existing is not None else []
     devices = {device for shard in files for held in shard.splits.values()
                for device in held.devices}
-    sink = open_sink(target, sorted(devices), class_names=files[0].classes,
-                     images={split: first[split].images for split in splits},
-                     settings=settings, epochs=sorted(axis | set(planned)), planned=planned)
+    sink = ResultsSink(target, devices=sorted(devices), class_names=files[0].classes,
+                       images={split: first[split].images for split in splits},
+                       settings=settings, epochs=sorted(axis | set(planned)), planned=planned)
     summary = MergeSummary(target)
     with contextlib.ExitStack() as stack:
+        stack.enter_context(sink)
         handles = [stack.enter_context(open_for_reading(shard.path)) for shard in files]
         for epoch in sorted({e for shard in files for held in shard.splits.values()
                              for e in held.rows}):

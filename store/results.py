@@ -18,7 +18,9 @@ adding epochs or a split replaces the file atomically (see :mod:`store.h5io`).
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +28,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from store.errors import InputError
+from store.errors import InputError, first_line
+from store.files import folder_owned
 from store.h5io import (
     add_coordinate,
     add_variable,
@@ -38,9 +41,12 @@ from store.h5io import (
 )
 from store.spec import SPEC_KEYS
 
+logger = logging.getLogger(__name__)
+
 RESULTS_FORMAT = "reaction-results"
 RESULTS_VERSION = "1.1"
 GROUP = "reaction"
+WRITER_SUFFIX = ".analyzer.lock"  # held by the one ResultsSink writing the file
 SETTINGS = (*SPEC_KEYS, "backend")
 _SETTING_DEFAULTS = {"weighting": "gradcam"}  # files of format 1.0 have no weighting attribute
 
@@ -136,22 +142,23 @@ def prepare_split(path: Path, split: str, *, epochs: Sequence[int], class_names:
         old = handle.get(f"{GROUP}/{split}")
         known = [] if old is None else old["epoch"][()].tolist()
         _rebuild_split(handle, split, sorted(set(known) | set(epochs)), class_names, images,
-                       settings, device)
+                       settings, [device])
 
 
 def _rebuild_split(handle: h5py.File, split: str, axis: list[int], class_names: Sequence[str],
-                   images: SplitImages, settings: dict[str, str], device: str) -> None:
+                   images: SplitImages, settings: dict[str, str],
+                   devices: Sequence[str]) -> None:
     """(Re)create ``/reaction/<split>`` over ``axis``, keeping the rows of its epochs."""
     old = handle.get(f"{GROUP}/{split}")
     known = [] if old is None else old["epoch"][()].tolist()
     saved = None if old is None else _read_group(old)
-    devices = set() if old is None else set(json.loads(old.attrs["devices"]))
+    recorded = set() if old is None else set(json.loads(old.attrs["devices"]))
     if old is not None:
         del handle[f"{GROUP}/{split}"]
     group = handle.require_group(GROUP).create_group(split)
     _create_split_group(group, axis, class_names, images)
     group.attrs.update(settings)
-    group.attrs["devices"] = json.dumps(sorted(devices | {device}))
+    group.attrs["devices"] = json.dumps(sorted(recorded | set(devices)))
     if saved is not None:
         _restore_rows(group, saved, known, axis)
 
@@ -273,51 +280,97 @@ class CheckpointResults:
 class ResultsSink:
     """The only writer of Reaction results: one whole checkpoint (all its splits) at a time.
 
-    Opening it creates or checks the results groups (one atomic replacement at most); each
-    :meth:`store` then rewrites pre-allocated rows in place, so a new checkpoint costs one row
-    write per split whatever the length of the run. An epoch beyond the axis grows it
-    geometrically (to the run's planned epochs, or by as many epochs again as it holds), so
-    following a run of N checkpoints copies the file O(log N) times, not N times.
+    Opening it only reads: it checks the file (classes, images, settings) and learns which
+    checkpoints are done, so a pass that fails or is killed before its first result leaves the
+    file byte for byte as it was. The first :meth:`store` creates or grows the results groups
+    and writes its checkpoint in the same atomic replacement; later ones rewrite pre-allocated
+    rows in place, one row write per split whatever the length of the run. An epoch beyond
+    the axis grows it geometrically (to the run's planned epochs, or by as many epochs again
+    as it holds), so following a run of N checkpoints copies the file O(log N) times.
+    After a failure, :meth:`discard_unfilled` takes back the rows that no result filled.
+
+    One sink per file at a time: a second one (an analyzer started twice by mistake) is
+    refused while the first lives, so no row is ever computed twice or lost between two axes.
 
     Args:
         path: the run file or stand-alone results file.
         class_names: the classes, in index order.
         images: each split's image identity.
         settings: the :class:`~store.spec.ReactionSpec` attributes plus ``backend``.
-        device: where the results are computed (recorded in ``devices``).
-        epochs: the epoch axis to prepare now (every checkpoint's, or the run's planned epochs).
+        devices: where the results are computed (recorded in ``devices``).
+        epochs: the epoch axis wanted (every checkpoint's, or the run's planned epochs).
         planned: the run's planned epochs (a run file's axis), if known.
     """
 
     def __init__(self, path: Path, *, class_names: Sequence[str],
-                 images: dict[str, SplitImages], settings: dict[str, str], device: str,
-                 epochs: Sequence[int], planned: Sequence[int] = ()) -> None:
+                 images: dict[str, SplitImages], settings: dict[str, str],
+                 devices: Sequence[str], epochs: Sequence[int],
+                 planned: Sequence[int] = ()) -> None:
         self.path = Path(path)
         self.class_names = list(class_names)
         self.images = dict(images)
         self.settings = dict(settings)
-        self.device = device
+        self.devices = sorted(set(devices))
         self.planned = sorted(planned)
+        self._owner = contextlib.ExitStack()
+        self._owner.enter_context(folder_owned(
+            self.path.parent, self.path.name + WRITER_SUFFIX,
+            f"another analyzer is writing results into {self.path}: wait for it to end "
+            "(a second one would compute the same checkpoints again)"))
+        self._rows: dict[str, dict[int, int]] = {split: {} for split in self.images}
+        self.done: dict[str, dict[int, str]] = {split: {} for split in self.images}
+        self._initial: dict[str, list[int]] = {}  # each existing group's axis at the opening
+        self._devices_recorded = False  # every group lists every one of self.devices
         if self.path.exists():
             remove_stale_copies(self.path)  # of a writer killed inside an atomic replacement
             check_results_target(self.path, self.class_names, self.images)
-        else:
-            try:
-                create_results_file(self.path, self.class_names)
-            except OSError as error:
-                raise InputError(f"cannot write {self.path}: {error.strerror or error}") \
-                    from None
-        for split, identity in self.images.items():
-            prepare_split(self.path, split, epochs=epochs, class_names=self.class_names,
-                          images=identity, settings=self.settings, device=device)
-        self._rows: dict[str, dict[int, int]] = {}
-        self.done: dict[str, dict[int, str]] = {}
-        self._read_axes()
+            self._initial = self._check_groups()
+            self._read_axes()
+        self._wanted = sorted(set(epochs) | {e for axis in self._initial.values() for e in axis})
+
+    def close(self) -> None:
+        """Let another writer in (the process's end does it too)."""
+        self._owner.close()
+
+    def __enter__(self) -> ResultsSink:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, *rest: object) -> None:
+        """Close; leaving on an error first discards the rows no result filled."""
+        try:
+            if kind is not None:
+                self._discard_quietly()
+        finally:
+            self.close()
+
+    def _discard_quietly(self) -> None:
+        try:
+            self.discard_unfilled()
+        except (OSError, InputError) as error:  # e.g. no room for the copy: the file stays whole
+            logger.warning(f"{self.path} keeps rows that no result filled (they read as not "
+                           f"computed): {first_line(error)}")
+
+    def _check_groups(self) -> dict[str, list[int]]:
+        """The axis of each split's existing group, after refusing one of other settings,
+        classes or images."""
+        axes, recorded = {}, []
+        with open_for_reading(self.path) as handle:
+            for split, identity in self.images.items():
+                group = handle.get(f"{GROUP}/{split}")
+                if group is not None:
+                    axes[split] = _existing_epochs(self.path, group, split, self.class_names,
+                                                   identity, self.settings)
+                    recorded.append(set(json.loads(group.attrs["devices"])))
+        self._devices_recorded = len(axes) == len(self.images) and all(
+            set(self.devices) <= devices for devices in recorded)
+        return axes
 
     def _read_axes(self) -> None:
         with open_for_reading(self.path) as handle:
             for split in self.images:
-                group = handle[f"{GROUP}/{split}"]
+                group = handle.get(f"{GROUP}/{split}")
+                if group is None:
+                    continue
                 epochs = group["epoch"][()].tolist()
                 self._rows[split] = {epoch: row for row, epoch in enumerate(epochs)}
                 rows = zip(epochs, group["computed"][()], group["checkpoint_sha256"][()],
@@ -326,8 +379,9 @@ class ResultsSink:
 
     @property
     def axis(self) -> list[int]:
-        """The epochs that have a row (the same for every split)."""
-        return sorted(next(iter(self._rows.values()), {}))
+        """The epochs that have a row in every split (none before the first store)."""
+        rows = [set(rows) for rows in self._rows.values()]
+        return sorted(set.intersection(*rows)) if rows else []
 
     def store(self, result: CheckpointResults) -> None:
         """Write one checkpoint's rows for each of its splits, then their ``computed`` flags.
@@ -338,46 +392,78 @@ class ResultsSink:
         unknown = set(result.splits) - set(self.images)
         if unknown:
             raise InputError(f"no results group for the split(s) {', '.join(sorted(unknown))}")
-        if any(result.epoch not in self._rows[split] for split in result.splits):
-            self._grow(result.epoch)
-        with update_in_place(self.path) as handle:
-            for split, epoch_result in result.splits.items():
-                group, row = handle[f"{GROUP}/{split}"], self._rows[split][result.epoch]
-                for name in _ROW_VARIABLES:
-                    if name != "computed":
-                        value = getattr(epoch_result, name)
-                        group[name][row] = value.encode() if isinstance(value, str) else value
-            handle.flush()
-            for split in result.splits:
-                handle[f"{GROUP}/{split}"]["computed"][self._rows[split][result.epoch]] = 1
+        if self._needs_rebuild(result.epoch):
+            self._set_axis(self._grown_axis(result.epoch), result)
+        else:
+            with update_in_place(self.path) as handle:
+                self._write_rows(handle, result)
         for split, epoch_result in result.splits.items():
             self.done[split][result.epoch] = epoch_result.checkpoint_sha256
 
-    def _grow(self, epoch: int) -> None:
-        axis = self.axis
+    def _needs_rebuild(self, epoch: int) -> bool:
+        """Whether storing ``epoch`` needs a structural change: a split without its group
+        or row, or a device not yet recorded."""
+        return not self._devices_recorded or any(
+            epoch not in rows for rows in self._rows.values())
+
+    def _write_rows(self, handle: h5py.File, result: CheckpointResults) -> None:
+        for split, epoch_result in result.splits.items():
+            group, row = handle[f"{GROUP}/{split}"], self._rows[split][result.epoch]
+            for name in _ROW_VARIABLES:
+                if name != "computed":
+                    value = getattr(epoch_result, name)
+                    group[name][row] = value.encode() if isinstance(value, str) else value
+        handle.flush()
+        for split in result.splits:
+            handle[f"{GROUP}/{split}"]["computed"][self._rows[split][result.epoch]] = 1
+
+    def _grown_axis(self, epoch: int) -> list[int]:
+        axis = set(self._wanted) | set(self.axis)
+        if epoch in axis:
+            return sorted(axis)
         if epoch in self.planned:
             wanted = set(self.planned)
         else:
-            step = _usual_step(axis)
+            step = _usual_step(sorted(axis))
             wanted = {epoch + step * k for k in range(max(len(axis), 16))}
-        self._set_axis(sorted(set(axis) | wanted | {epoch}))
+        return sorted(axis | wanted | {epoch})
 
     def trim(self, keep: Sequence[int]) -> None:
         """Drop the rows grown ahead that no checkpoint filled: keep computed rows, ``keep``
         and the planned epochs. Nothing is copied when no row would go."""
-        wanted = set(keep) | set(self.planned)
+        self._shrink(set(keep) | set(self.planned))
+
+    def discard_unfilled(self) -> None:
+        """After a failed pass: take back every row this sink added that no result filled, so
+        the file differs from the one it opened only by whole, computed results."""
+        self._shrink({epoch for axis in self._initial.values() for epoch in axis})
+
+    def _shrink(self, keep: set[int]) -> None:
         for done in self.done.values():
-            wanted |= set(done)
-        axis = [epoch for epoch in self.axis if epoch in wanted]
+            keep |= set(done)
+        axis = [epoch for epoch in self.axis if epoch in keep]
         if axis != self.axis:
             self._set_axis(axis)
 
-    def _set_axis(self, axis: list[int]) -> None:
+    def _set_axis(self, axis: list[int], result: CheckpointResults | None = None) -> None:
+        """Rebuild every split over ``axis`` (creating the file if need be) and write
+        ``result`` into the new copy, all in one atomic replacement."""
         with replace_atomically(self.path) as handle:
+            if "format" not in handle.attrs:
+                handle.attrs.update({"format": RESULTS_FORMAT, "format_version": RESULTS_VERSION,
+                                     "classes": json.dumps(self.class_names)})
             for split, identity in self.images.items():
                 _rebuild_split(handle, split, axis, self.class_names, identity, self.settings,
-                               self.device)
-        self._read_axes()
+                               self.devices)
+            self._read_rows(handle)
+            if result is not None:
+                self._write_rows(handle, result)
+        self._devices_recorded = True
+
+    def _read_rows(self, handle: h5py.File) -> None:
+        for split in self.images:
+            epochs = handle[f"{GROUP}/{split}/epoch"][()].tolist()
+            self._rows[split] = {epoch: row for row, epoch in enumerate(epochs)}
 
 
 def _usual_step(epochs: Sequence[int]) -> int:

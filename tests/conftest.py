@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import h5py
 import numpy as np
 import pytest
 from PIL import Image
@@ -37,6 +38,30 @@ def tree(folder: Path) -> dict[str, bytes]:
     """
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
             if p.is_file() and not p.name.endswith(".lock")}
+
+
+def assert_only_computed_rows_differ(before: Path, after: Path) -> None:
+    """``after`` is ``before`` plus whole, computed results: the same groups, epoch axes and
+    attributes; a row differs only where ``after`` flags it computed and ``before`` did not.
+
+    Args:
+        before: a copy of the results (or run) file taken before a command.
+        after: the file after the command.
+    """
+    with h5py.File(before, "r", locking=False) as old, h5py.File(after, "r",
+                                                                 locking=False) as new:
+        assert dict(old.attrs) == dict(new.attrs)
+        assert sorted(old.get("reaction", {})) == sorted(new.get("reaction", {}))
+        for split in old.get("reaction", {}):
+            was, now = old[f"reaction/{split}"], new[f"reaction/{split}"]
+            np.testing.assert_array_equal(was["epoch"][()], now["epoch"][()], err_msg=split)
+            assert sorted(was) == sorted(now)
+            assert dict(was.attrs) == dict(now.attrs)
+            new_rows = (now["computed"][()] == 1) & (was["computed"][()] == 0)
+            for name in was:
+                if was[name].shape[:1] == was["epoch"].shape and name != "epoch":
+                    np.testing.assert_array_equal(was[name][()][~new_rows],
+                                                  now[name][()][~new_rows], err_msg=name)
 
 
 def write_rgb_classes(root: Path, classes: tuple[str, ...], count: int) -> Path:

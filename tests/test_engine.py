@@ -47,7 +47,7 @@ def checkpoint_results(epoch: int, splits=("train", "test")) -> CheckpointResult
 
 def sink(path, epochs, planned=()) -> ResultsSink:
     return ResultsSink(path, class_names=CLASSES, images=IMAGES, settings=SETTINGS,
-                       device="cpu", epochs=epochs, planned=planned)
+                       devices=["cpu"], epochs=epochs, planned=planned)
 
 
 # ---- the spec -------------------------------------------------------------------------------
@@ -156,22 +156,65 @@ def test_watcher_returns_when_stopped(tmp_path):
 def test_sink_stores_a_whole_checkpoint_in_place(tmp_path):
     path = tmp_path / "results.h5"
     results = sink(path, [1, 2, 3])
+    assert not path.exists()  # opening a sink writes nothing
+    results.store(checkpoint_results(2))  # the file, its groups and this row: one replacement
     size = path.stat().st_size
     inode = path.stat().st_ino
-    results.store(checkpoint_results(2))
+    results.store(checkpoint_results(3))
     assert path.stat().st_ino == inode and path.stat().st_size == size  # rewritten in place
     for split in IMAGES:
         stored = read_split_results(path, split)
-        assert stored["epoch"].tolist() == [2]
+        assert stored["epoch"].tolist() == [2, 3]
         np.testing.assert_array_equal(stored["image_reaction"][0],
                                       np.arange(len(IMAGES[split].ids)) * 2)
         assert stored["settings"] == SETTINGS
-    assert sink(path, [1, 2, 3]).done == {"train": {2: f"{2:064x}"}, "test": {2: f"{2:064x}"}}
+    results.close()
+    with sink(path, [1, 2, 3]) as reopened:
+        assert reopened.done == {split: {2: f"{2:064x}", 3: f"{3:064x}"} for split in IMAGES}
+        assert reopened.axis == [1, 2, 3]
+
+
+def test_a_sink_that_stores_nothing_leaves_the_file_byte_for_byte(tmp_path):
+    path = tmp_path / "results.h5"
+    with sink(path, [1]) as results:
+        results.store(checkpoint_results(1))
+    before = path.read_bytes()
+    with pytest.raises(RuntimeError), sink(path, [1, 2, 3, 4], planned=[1, 2, 3, 4]):
+        raise RuntimeError("a bad checkpoint, before any result")
+    assert path.read_bytes() == before
+    assert not sink(tmp_path / "never.h5", [1]).path.exists()
+
+
+def test_a_failed_pass_keeps_its_whole_results_and_takes_back_the_rows_it_grew(tmp_path):
+    path = tmp_path / "results.h5"
+    with sink(path, [1, 2]) as results:
+        results.store(checkpoint_results(1))  # epoch 2: a row, not computed (as before)
+    with pytest.raises(RuntimeError), sink(path, [1, 2, 3, 4, 5, 6]) as results:
+        results.store(checkpoint_results(3))
+        assert results.axis == [1, 2, 3, 4, 5, 6]
+        raise RuntimeError("epoch 4 is a bad checkpoint")
+    for split in IMAGES:
+        with h5py.File(path, "r") as handle:
+            assert handle[f"reaction/{split}/epoch"][()].tolist() == [1, 2, 3]
+        stored = read_split_results(path, split)
+        assert stored["epoch"].tolist() == [1, 3]
+        np.testing.assert_array_equal(stored["model_reaction"], [0.1 * 1, 0.1 * 3])
+
+
+def test_a_second_sink_on_the_same_file_is_refused_while_the_first_is_open(tmp_path):
+    path = tmp_path / "results.h5"
+    with sink(path, [1]) as first:
+        with pytest.raises(InputError, match="another analyzer is writing results into"):
+            sink(path, [1])
+        first.store(checkpoint_results(1))
+    with sink(path, [1]) as second:  # the first one has ended
+        assert set(second.done["train"]) == {1}
 
 
 def test_sink_grows_geometrically_and_trims_what_it_grew(tmp_path):
     path = tmp_path / "results.h5"
     results = sink(path, [10, 20])
+    results.store(checkpoint_results(20))
     copies = 0
     for epoch in range(30, 1010, 10):
         before = path.stat().st_ino
@@ -182,7 +225,7 @@ def test_sink_grows_geometrically_and_trims_what_it_grew(tmp_path):
     results.trim(keep=[10, 20])
     assert results.axis == list(range(10, 1010, 10))
     stored = read_split_results(path, "train")
-    assert stored["epoch"].tolist() == list(range(30, 1010, 10))
+    assert stored["epoch"].tolist() == list(range(20, 1010, 10))
     np.testing.assert_array_equal(stored["model_reaction"], 0.1 * stored["epoch"])
 
 
@@ -196,22 +239,24 @@ def test_sink_grows_a_run_files_axis_to_the_planned_epochs(tmp_path):
 
 def test_sink_refuses_other_settings_naming_the_stored_value(tmp_path):
     path = tmp_path / "results.h5"
-    sink(path, [1])
+    with sink(path, [1]) as first:
+        first.store(checkpoint_results(1))
     other = {**SETTINGS, "score": "softmax"}
     with pytest.raises(InputError, match="score='logit', not 'softmax'"):
-        ResultsSink(path, class_names=CLASSES, images=IMAGES, settings=other, device="cpu",
+        ResultsSink(path, class_names=CLASSES, images=IMAGES, settings=other, devices=["cpu"],
                     epochs=[1])
 
 
 def test_a_checkpoint_is_flagged_only_once_all_its_splits_are_written(tmp_path):
     path = tmp_path / "results.h5"
     results = sink(path, [1, 2])
+    results.store(checkpoint_results(2))
     broken = CheckpointResults(1, {"train": epoch_result(1, 3), "test": epoch_result(1, 5)})
     with pytest.raises(TypeError):  # the test row has the wrong length: written second
         results.store(broken)
     with h5py.File(path, "r") as handle:
-        assert handle["reaction/train/computed"][()].tolist() == [0, 0]
-        assert handle["reaction/test/computed"][()].tolist() == [0, 0]
+        assert handle["reaction/train/computed"][()].tolist() == [0, 1]
+        assert handle["reaction/test/computed"][()].tolist() == [0, 1]
 
 
 # ---- signals --------------------------------------------------------------------------------

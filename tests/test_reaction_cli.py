@@ -17,7 +17,7 @@ from PIL import Image
 from store.checkpoints import load_checkpoint, save_checkpoint
 from store.datasets import open_source
 from store.runfile import read_run_info
-from tests.conftest import ROOT, script, write_rgb_classes
+from tests.conftest import ROOT, assert_only_computed_rows_differ, script, write_rgb_classes
 from trainer.models import ModelSpec, build_model, gradcam_layer
 
 
@@ -200,7 +200,12 @@ def test_bad_input_is_one_line_and_earlier_results_stay(trained, tmp_path, cli, 
     with h5py.File(run / "run.h5", "r") as handle:
         kept = handle["reaction/train/image_reaction"][0]
     assert np.isfinite(kept).all()
-    if case not in ("truncated", "pickle"):  # caught before any write
+    if case in ("truncated", "pickle"):  # found after epochs 2.. were computed and stored
+        (tmp_path / "before.h5").write_bytes(before)
+        assert_only_computed_rows_differ(tmp_path / "before.h5", run / "run.h5")
+        with h5py.File(run / "run.h5", "r") as handle:
+            assert handle["reaction/train/computed"][()].sum() >= 2
+    else:  # caught before any write
         assert (run / "run.h5").read_bytes() == before
     if case == "another run's file":
         assert (other / "run.h5").read_bytes() == other_before
