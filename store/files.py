@@ -12,9 +12,11 @@ results: :func:`tempfile.mkstemp` alone would leave ``0o600``.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import os
 import secrets
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -40,12 +42,67 @@ def temporary_beside(path: Path) -> Path:
 def write_atomically(path: Path, payload: bytes) -> None:
     """Write ``payload`` to ``path`` via a temporary file in the same folder and a rename."""
     path = Path(path)
-    temporary = temporary_beside(path)
+    with no_room_is_one_line(path, len(payload)):
+        temporary = temporary_beside(path)
+        try:
+            temporary.write_bytes(payload)
+            os.replace(temporary, path)
+        finally:
+            temporary.unlink(missing_ok=True)
+
+
+_NO_ROOM = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
+
+
+@contextlib.contextmanager
+def no_room_is_one_line(path: Path, needed: int) -> Iterator[None]:
+    """Turn a full disk, a quota or a file-size limit met while writing ``path`` into an
+    :class:`InputError` naming the file, the room it needs and the room there is."""
     try:
-        temporary.write_bytes(payload)
-        os.replace(temporary, path)
+        yield
+    except OSError as error:
+        if error.errno not in _NO_ROOM:
+            raise
+        raise InputError(no_room_message(Path(path), needed, error)) from None
+
+
+def no_room_message(path: Path, needed: int, error: OSError) -> str:
+    """One line: which file could not be written, how much it needs, how much is free."""
+    try:
+        free = f"{_size(shutil.disk_usage(path.parent).free)} free"
+    except OSError:
+        free = "free space unknown"
+    if error.errno == errno.EFBIG:
+        return (f"cannot write {path}: it needs about {_size(needed)}, above this process's "
+                "file-size limit (ulimit -f); raise the limit and rerun: earlier epochs are "
+                "kept and the rerun continues")
+    return (f"no room to write {path}: it needs about {_size(needed)}, {free} "
+            f"({os.strerror(error.errno)}); free some space and rerun: earlier epochs are "
+            "kept and the rerun continues")
+
+
+def reserve_room(path: Path, size: int) -> None:
+    """Allocate ``size`` bytes for ``path`` now, so that a full disk fails here (OSError)
+    and not in the middle of an HDF5 write, where it can crash the process. HDF5 trims the
+    file to its real end when it closes it."""
+    if not hasattr(os, "posix_fallocate"):
+        return
+    descriptor = os.open(path, os.O_RDWR)
+    try:
+        os.posix_fallocate(descriptor, 0, size)
+    except OSError as error:
+        if error.errno not in (errno.EOPNOTSUPP, errno.EINVAL):  # no fallocate here
+            raise
     finally:
-        temporary.unlink(missing_ok=True)
+        os.close(descriptor)
+
+
+def _size(count: int) -> str:
+    for unit in ("B", "kB", "MB", "GB"):
+        if count < 1000:
+            return f"{count:.0f} {unit}"
+        count /= 1000
+    return f"{count:.1f} TB"
 
 
 @contextlib.contextmanager

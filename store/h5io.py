@@ -31,7 +31,7 @@ import h5py
 import numpy as np
 
 from store.errors import InputError, first_line
-from store.files import temporary_beside
+from store.files import no_room_is_one_line, reserve_room, temporary_beside
 
 STRING_DTYPE = h5py.string_dtype("utf-8")
 
@@ -123,24 +123,35 @@ def update_in_place(path: Path) -> Iterator[h5py.File]:
             handle.flush()
 
 
+ROOM = 1 << 16  # bytes reserved beyond the copy for a structural change of unknown size
+
+
 @contextlib.contextmanager
-def replace_atomically(path: Path, locked: bool = True) -> Iterator[h5py.File]:
+def replace_atomically(path: Path, locked: bool = True, room: int = ROOM) -> Iterator[h5py.File]:
     """Change a file's structure on a copy that replaces the original only on success.
 
     Yields a writable :class:`h5py.File` holding a copy of ``path`` (empty if ``path`` does
-    not exist yet). If the body raises, or the process dies, ``path`` is untouched.
+    not exist yet). If the body raises, or the process dies, ``path`` is untouched. The copy
+    gets ``room`` bytes reserved beyond the original's size before HDF5 writes to it, so a
+    full disk or a file-size limit is one clear line (:class:`InputError`) and never an HDF5
+    write failure.
 
     Args:
         path: the file to create or change.
         locked: take the writer lock (pass False if the caller already holds it).
+        room: an upper estimate of the bytes the body adds.
     """
     path = Path(path)
     lock = writer_lock(path) if locked else contextlib.nullcontext()
     with lock:
-        temporary_path = temporary_beside(path)
+        size = path.stat().st_size if path.exists() else 0
+        with no_room_is_one_line(path, size + room):
+            temporary_path = temporary_beside(path)
         try:
-            if path.exists():
-                shutil.copyfile(path, temporary_path)
+            with no_room_is_one_line(path, size + room):
+                if path.exists():
+                    shutil.copyfile(path, temporary_path)
+                reserve_room(temporary_path, size + room)
             with h5py.File(temporary_path, "r+" if path.exists() else "w",
                            locking=False) as handle:
                 yield handle

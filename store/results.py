@@ -31,6 +31,7 @@ import numpy as np
 from store.errors import InputError, first_line
 from store.files import folder_owned
 from store.h5io import (
+    ROOM,
     add_coordinate,
     add_variable,
     open_for_reading,
@@ -448,7 +449,7 @@ class ResultsSink:
     def _set_axis(self, axis: list[int], result: CheckpointResults | None = None) -> None:
         """Rebuild every split over ``axis`` (creating the file if need be) and write
         ``result`` into the new copy, all in one atomic replacement."""
-        with replace_atomically(self.path) as handle:
+        with replace_atomically(self.path, room=self._bytes_over(axis)) as handle:
             if "format" not in handle.attrs:
                 handle.attrs.update({"format": RESULTS_FORMAT, "format_version": RESULTS_VERSION,
                                      "classes": json.dumps(self.class_names)})
@@ -459,6 +460,17 @@ class ResultsSink:
             if result is not None:
                 self._write_rows(handle, result)
         self._devices_recorded = True
+
+    def _bytes_over(self, axis: list[int]) -> int:
+        """An upper estimate of the bytes of every split's group over ``axis`` (what a
+        rebuild adds to the file: the old groups' space is not reused)."""
+        classes = len(self.class_names)
+        total = ROOM
+        for identity in self.images.values():
+            ids = sum(len(image_id.encode()) + 16 for image_id in identity.ids)
+            per_epoch = len(identity.ids) * 6 + classes * 28 + 350  # f4 + i2; 3 f8 + i4; rest
+            total += 2 * ids + 8 * len(identity.ids) + len(axis) * per_epoch
+        return total
 
     def _read_rows(self, handle: h5py.File) -> None:
         for split in self.images:

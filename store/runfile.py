@@ -23,6 +23,7 @@ import numpy as np
 
 from store.errors import InputError
 from store.h5io import (
+    ROOM,
     add_coordinate,
     add_variable,
     open_for_reading,
@@ -106,7 +107,9 @@ def create_run_file(path: Path, *, config: dict, model_json: str, class_names: S
                     data_description: str, provenance: dict[str, str]) -> None:
     """Create (or replace, atomically) a run file with empty curves for ``config['epochs']``."""
     epochs = int(config["epochs"])
-    with replace_atomically(Path(path)) as handle:
+    ids = sum(len(image_id.encode()) + 24 for split in split_ids.values() for image_id in split)
+    with replace_atomically(Path(path), room=ROOM + 2 * ids + _training_bytes(
+            epochs, len(class_names))) as handle:
         for name in list(handle):
             del handle[name]
         handle.attrs.update({"format": FORMAT_NAME, "format_version": FORMAT_VERSION,
@@ -121,6 +124,11 @@ def create_run_file(path: Path, *, config: dict, model_json: str, class_names: S
             labels.dims[0].attach_scale(group["image"])
             labels.attrs["long_name"] = "true class index"
         _create_training_group(handle, epochs, class_names)
+
+
+def _training_bytes(epochs: int, classes: int) -> int:
+    """An upper estimate of the bytes of ``/training`` for ``epochs`` epochs."""
+    return ROOM + epochs * (8 * len(_SCALAR_CURVES) + 8 * classes * len(_CLASS_CURVES) + 136)
 
 
 def _create_training_group(handle: h5py.File, epochs: int, class_names: Sequence[str]) -> None:
@@ -146,7 +154,9 @@ def lengthen_run(path: Path, epochs: int, *, config: dict) -> None:
     ``epochs``) replaces the stored one and the run is marked unfinished again; all in one
     atomic replacement, so a kill leaves the run as it was.
     """
-    with replace_atomically(Path(path)) as handle:
+    with open_for_reading(Path(path)) as handle:
+        classes = len(handle["training/class"])
+    with replace_atomically(Path(path), room=_training_bytes(epochs, classes)) as handle:
         old = handle["training"]
         known = int(old["epoch"].shape[0])
         if epochs <= known:
@@ -182,7 +192,8 @@ def write_epoch(path: Path, record: EpochRecord) -> None:
 
 def update_provenance(path: Path, **attributes: str) -> None:
     """Set provenance attributes (a structural change, so done on an atomic copy)."""
-    with replace_atomically(Path(path)) as handle:
+    room = 4096 + sum(len(str(value).encode()) for value in attributes.values())
+    with replace_atomically(Path(path), room=room) as handle:
         handle["provenance"].attrs.update(attributes)
 
 
