@@ -22,6 +22,7 @@ import contextlib
 import fcntl
 import logging
 import os
+import re
 import shutil
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -101,6 +102,11 @@ def open_for_reading(path: Path) -> h5py.File:
     try:
         return h5py.File(path, "r", locking=False)
     except OSError as error:
+        cut = re.search(r"truncated file: eof = (\d+).*stored_eof = (\d+)", str(error))
+        if cut:
+            raise InputError(f"{path} is cut short: {int(cut[1]):,} of its {int(cut[2]):,} "
+                             "bytes (an interrupted copy?); HDF5 reads nothing of a cut "
+                             "file: copy it again from its source") from None
         raise InputError(f"{path} is not a readable HDF5 file (truncated or corrupt?): "
                          f"{first_line(error)}") from None
 
@@ -213,6 +219,21 @@ def _describe(dataset: h5py.Dataset, long_name: str, units: str | None) -> None:
     dataset.attrs["long_name"] = long_name
     if units is not None:
         dataset.attrs["units"] = units
+
+
+def require_datasets(path: Path, group: h5py.Group, names: Sequence[str]) -> h5py.Group:
+    """``group``, after checking that it holds every dataset of ``names``.
+
+    Raises:
+        InputError: naming the file, the group and the missing datasets (a damaged or
+            partly copied file), instead of a KeyError deep inside a command.
+    """
+    missing = [name for name in names if not isinstance(group.get(name), h5py.Dataset)]
+    if missing:
+        raise InputError(f"{path}:{group.name} is damaged: no {', '.join(missing)} "
+                         "(a partial copy or an edit?); 'analyzer info' shows what can "
+                         "still be read")
+    return group
 
 
 def read_strings(dataset: h5py.Dataset) -> list[str]:

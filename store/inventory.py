@@ -11,7 +11,7 @@ import numpy as np
 
 from store.errors import InputError
 from store.h5io import open_for_reading
-from store.results import stored_settings
+from store.results import DATASETS, stored_settings
 from store.series import WRITABLE_FORMATS, read_extract
 
 
@@ -62,6 +62,9 @@ def _training(handle: h5py.File) -> dict | None:
 
 
 def _reaction(group: h5py.Group) -> dict:
+    missing = [name for name in DATASETS if not isinstance(group.get(name), h5py.Dataset)]
+    if missing:
+        return {"damaged": f"no {', '.join(missing)}", "settings": stored_settings(group)}
     epochs = group["epoch"][()]
     done = epochs[group["computed"][()].astype(bool)]
     return {
@@ -95,6 +98,10 @@ def format_summary(summary: dict) -> str:
         lines.append(f"training: {training['completed_epochs']} of {training['epochs']} "
                      f"epochs completed ({finished})")
     for split, group in summary["reaction"].items():
+        if "damaged" in group:
+            lines.append(f"reaction/{split}: damaged ({group['damaged']}): unreadable; "
+                         "recompute it into another file with 'analyzer reaction --out'")
+            continue
         span = "" if group["first_epoch"] is None else \
             f", epochs {group['first_epoch']}–{group['last_epoch']}"
         settings = ", ".join(f"{k} {v}" for k, v in group["settings"].items())

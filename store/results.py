@@ -38,6 +38,7 @@ from store.h5io import (
     read_strings,
     remove_stale_copies,
     replace_atomically,
+    require_datasets,
     update_in_place,
 )
 from store.spec import SPEC_KEYS
@@ -134,7 +135,7 @@ def prepare_split(path: Path, split: str, *, epochs: Sequence[int], class_names:
     """
     path = Path(path)
     with open_for_reading(path) as handle:
-        group = handle.get(f"{GROUP}/{split}")
+        group = reaction_group(handle, split)
         if group is not None:
             known = _existing_epochs(path, group, split, class_names, images, settings)
             if set(epochs) <= set(known) and device in json.loads(group.attrs["devices"]):
@@ -203,6 +204,13 @@ def _create_split_group(group: h5py.Group, epochs: list[int], class_names: Seque
 
 
 _ROW_VARIABLES = (*_IMAGE_VARIABLES, *_CLASS_VARIABLES, *_EPOCH_VARIABLES)
+DATASETS = ("epoch", "class", "image", "label", *_ROW_VARIABLES)  # of every split's group
+
+
+def reaction_group(handle: h5py.File, split: str) -> h5py.Group | None:
+    """``/reaction/<split>`` of an open file, checked whole; None when there is none."""
+    group = handle.get(f"{GROUP}/{split}")
+    return None if group is None else require_datasets(Path(handle.filename), group, DATASETS)
 
 
 def _read_group(group: h5py.Group) -> dict[str, np.ndarray]:
@@ -223,7 +231,7 @@ def computed_checkpoints(path: Path, split: str) -> dict[int, str]:
     """The epochs whose results for ``split`` are whole, with the SHA-256 of the checkpoint
     file each was computed from."""
     with open_for_reading(Path(path)) as handle:
-        group = handle.get(f"{GROUP}/{split}")
+        group = reaction_group(handle, split)
         if group is None:
             return {}
         rows = zip(group["epoch"][()], group["computed"][()], group["checkpoint_sha256"][()],
@@ -251,7 +259,7 @@ def write_epoch_result(path: Path, split: str, result: EpochResult) -> None:
 def read_split_results(path: Path, split: str) -> dict[str, np.ndarray]:
     """Every array of ``/reaction/<split>`` for its computed epochs (and the coordinates)."""
     with open_for_reading(Path(path)) as handle:
-        group = handle.get(f"{GROUP}/{split}")
+        group = reaction_group(handle, split)
         if group is None:
             raise InputError(f"{path} has no Reaction results for the {split} split")
         done = group["computed"][()].astype(bool)
@@ -357,7 +365,7 @@ class ResultsSink:
         axes, recorded = {}, []
         with open_for_reading(self.path) as handle:
             for split, identity in self.images.items():
-                group = handle.get(f"{GROUP}/{split}")
+                group = reaction_group(handle, split)
                 if group is not None:
                     axes[split] = _existing_epochs(self.path, group, split, self.class_names,
                                                    identity, self.settings)

@@ -29,6 +29,7 @@ from store.h5io import (
     open_for_reading,
     read_strings,
     replace_atomically,
+    require_datasets,
     update_in_place,
 )
 
@@ -239,9 +240,13 @@ def read_run_progress(path: Path) -> RunProgress:
 def read_training_curves(path: Path) -> dict[str, np.ndarray]:
     """The completed part of every ``/training`` curve, keyed by dataset name."""
     with open_for_reading(Path(path)) as handle:
-        group = handle["training"]
-        completed = int(group["completed_epochs"][()])
         names = ["epoch", *_SCALAR_CURVES, *_CLASS_CURVES]
+        if not isinstance(handle.get("training"), h5py.Group):
+            raise InputError(f"{path} has no /training group: not a run file, or damaged")
+        group = require_datasets(Path(path), handle["training"],
+                                 [*names, "completed_epochs", "checkpoint_file",
+                                  "checkpoint_sha256"])
+        completed = int(group["completed_epochs"][()])
         curves = {name: group[name][:completed] for name in names}
         for name in ("checkpoint_file", "checkpoint_sha256"):
             curves[name] = np.array([v.decode() for v in group[name][:completed]])

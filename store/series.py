@@ -32,6 +32,7 @@ from store.h5io import (
     read_strings,
     replace_atomically,
 )
+from store.results import reaction_group
 
 EXTRACT_GROUP = "extract"
 WRITABLE_FORMATS = ("reaction-run", "reaction-results")
@@ -137,7 +138,7 @@ def _training_series(handle: h5py.File, curve: str) -> Series | None:
 
 
 def _reaction_series(handle: h5py.File, kind: str, split: str, name: str) -> Series | None:
-    group = handle.get(f"reaction/{split}")
+    group = reaction_group(handle, split)
     if group is None:
         return None
     done = group["computed"][()].astype(bool)
