@@ -140,11 +140,15 @@ def trainer_run(out: Path, data: str, test_data: str | None, model: str, epochs:
                          batch_size=batch_size, learning_rate=learning_rate,
                          val_fraction=val_fraction, seed=seed, image_size=image_size,
                          channels=channels, onnx=onnx)
-    if resume:  # the run's own settings; those typed again must equal them (--epochs: or more)
-        typed = {"test" if name == "test_data" else name: value
-                 for name, value in _typed_options().items()}
-        config = resume_config(out, {name: value for name, value in typed.items()
-                                     if hasattr(config, name)})
+    typed = {"test" if name == "test_data" else name: value
+             for name, value in _typed_options().items() if name not in ("out", "resume")}
+    settings = {name: value for name, value in typed.items() if hasattr(config, name)}
+    if resume and (out / "run.h5").exists():  # the run's own settings; those typed again
+        config = resume_config(out, settings)  # must equal them (--epochs: or more)
+    elif resume and settings:  # the first attempt died before its run file: start it
+        logging.getLogger("trainer").warning(f"nothing to resume in {out} yet: starting "
+                                             "the run")
+        resume = False
     command = shlex.join(["trainer", *sys.argv[1:]])
     run_path = train(config, out, resume=resume, force=force, device=device,
                      progress=not quiet, command=command,

@@ -152,7 +152,10 @@ def _corrupt(path: Path, error: BaseException) -> InputError:
 
 def _load_pickle(path: Path) -> object:
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # an old pickle protocol: the refusal below says it
+            warnings.filterwarnings("ignore", category=UserWarning,
+                                    module=r"torch\._weights_only_unpickler")
+            return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises many types for damaged files
         if _WEIGHTS_ONLY_REFUSAL not in str(error):
             raise _corrupt(path, error) from None

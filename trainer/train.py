@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import getpass
 import json
+import logging
 import os
 import platform
 import socket
@@ -61,6 +62,8 @@ from store.runfile import (
 )
 from trainer.devices import resolve_device
 from trainer.models import ModelSpec, build_model, default_image_size, gradcam_layer
+
+logger = logging.getLogger(__name__)
 
 _PACKAGES = ("reaction", "torch", "numpy", "h5py", "safetensors", "scikit-learn")
 
@@ -154,7 +157,9 @@ def train(config: TrainConfig | None, out: Path, *, resume: bool = False, force:
             that equal them (see :func:`resume_config`) but for a larger ``epochs``, which
             lengthens the run.
         out: output folder: ``run.h5``, ``checkpoints/epoch_NNNN.safetensors``, resume file.
-        resume: continue the run in ``out`` from its last complete epoch.
+        resume: continue the run in ``out`` from its last complete epoch; with a ``config``
+            a trainer that began in ``out`` but was killed before creating its run file,
+            start the run.
         force: start over even if ``out`` already holds a run.
         device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
         progress: show a progress bar.
@@ -166,6 +171,10 @@ def train(config: TrainConfig | None, out: Path, *, resume: bool = False, force:
     out = Path(out)
     run_path = out / RUN_FILE
     torch_device = resolve_device(device)
+    if resume and config is not None and not run_path.exists() \
+            and (out / TRAINER_LOCK).exists():  # a trainer began here, killed before its run
+        logger.warning(f"nothing to resume in {out} yet: starting the run")
+        resume = False
     if resume:
         config = resume_config(out, None if config is None else asdict(config))
     elif config is None:
