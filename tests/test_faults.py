@@ -281,6 +281,36 @@ def test_the_fault_suite(tmp_path, capsys):
     assert tally.bad_inputs == 7
 
 
+@pytest.mark.slow
+def test_an_analyzer_started_twice_by_mistake_is_refused_and_the_first_one_finishes(
+        tmp_path):
+    run = tmp_path / "run"
+    trained = subprocess.run(trainer_args(run), env=ENV, capture_output=True, check=False)
+    assert trained.returncode == 0, trained.stderr
+    reference = tmp_path / "reference.h5"
+    alone = subprocess.run([*analyzer_args(run), "--out", str(reference)], env=ENV,
+                           capture_output=True, text=True, check=False)
+    assert alone.returncode == 0, alone.stderr
+    first = subprocess.Popen(analyzer_args(run), env=ENV, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, text=True)
+    while not lock_busy(run / "run.h5.analyzer.lock"):  # the first one has its sink open
+        assert first.poll() is None, first.stderr.read()
+        time.sleep(0.01)
+    first.send_signal(signal.SIGSTOP)  # held still: the second surely meets it
+    second = subprocess.run(analyzer_args(run), env=ENV, capture_output=True, text=True,
+                            check=False)
+    first.send_signal(signal.SIGCONT)
+    assert second.returncode == 1
+    assert second.stderr.strip() == (f"Error: another analyzer is writing results into "
+                                     f"{run / 'run.h5'}: wait for it to end (a second one "
+                                     "would compute the same checkpoints again)")
+    _, errors = first.communicate(timeout=300)
+    assert first.returncode == 0, errors
+    ours, theirs = result_rows(run / "run.h5"), result_rows(reference)
+    for name, values in theirs.items():  # nothing computed twice, lost or torn
+        np.testing.assert_array_equal(ours[name], values, err_msg=name)
+
+
 def main() -> None:
     """``python -m tests.test_faults --kills N``: a longer round, one summary line."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
