@@ -166,7 +166,8 @@ class Follow:
             write_epoch(self.run_file, epoch_record(epoch, self.classes))
             self.commit.append(time.perf_counter() - began)
         result = results(epoch, self.images, self.classes)
-        inode, axis = self.path.stat().st_ino, len(self.sink.axis)
+        inode = self.path.stat().st_ino if self.path.exists() else None  # no file before
+        axis = len(self.sink.axis)  # the first result
         began = time.perf_counter()
         fresh = self.watcher.poll_once()
         found, collected = time.perf_counter(), GC.total
