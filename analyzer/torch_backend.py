@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import logging
 from collections.abc import Iterator
 
 import torch
@@ -20,7 +21,7 @@ from torch import Tensor, nn
 from analyzer.backends import BackendKind, BackendSetup, BatchResult, LoadedCheckpoint
 from analyzer.gradcam import grad_cam_map, reaction_from_map, target_scores
 from store.checkpoints import sha256_file
-from store.errors import InputError
+from store.errors import InputError, first_line
 from store.model_files import (
     CHECKPOINT_SUFFIXES,
     CheckpointFile,
@@ -30,6 +31,8 @@ from store.model_files import (
 )
 from store.spec import ReactionSpec
 from trainer.devices import resolve_device
+
+logger = logging.getLogger(__name__)
 
 
 def find_layer(model: nn.Module, name: str) -> nn.Module:
@@ -95,17 +98,19 @@ class TorchBackend:
             ``model.named_modules()``), score, target and weighting.
         device: where the model runs; images passed to :meth:`compute` must be there.
         channels_last: on a CPU, run the model and the images in the channels-last memory
-            format (faster convolutions; only for models that never ``.view()`` a feature map,
-            such as the zoo's).
+            format (faster convolutions): True for models known to allow it (the zoo's),
+            None to decide on the first batch (:meth:`_choose_layout`), False never.
     """
 
     name = "torch"
 
     def __init__(self, model: nn.Module, spec: ReactionSpec, device: str | torch.device = "cpu",
-                 channels_last: bool = False) -> None:
+                 channels_last: bool | None = False) -> None:
         self.spec = spec
         self.device = torch.device(device)
-        self.channels_last = channels_last and self.device.type == "cpu"
+        on_cpu = self.device.type == "cpu"
+        self.channels_last = bool(channels_last) and on_cpu
+        self._layout_undecided = channels_last is None and on_cpu
         memory_format = torch.channels_last if self.channels_last else torch.preserve_format
         self.model = model.to(self.device, memory_format=memory_format)
         self.layer = spec.layer
@@ -132,15 +137,41 @@ class TorchBackend:
         every image's result depends on that image alone, so the cut changes no value.
         """
         size = self._sub_batch_size(images)
-        parts = [self.compute_batch(part_images, part_labels, keep_maps)
-                 for part_images, part_labels in zip(images.split(size), labels.split(size),
-                                                     strict=True)]
+        pairs = list(zip(images.split(size), labels.split(size), strict=True))
+        parts = []
+        if self._layout_undecided and pairs:
+            parts.append(self._choose_layout(*pairs.pop(0), keep_maps))
+        parts += [self.compute_batch(part_images, part_labels, keep_maps)
+                  for part_images, part_labels in pairs]
         if len(parts) == 1:
             return parts[0]
         return BatchResult(torch.cat([p.logits for p in parts]),
                            torch.cat([p.reaction for p in parts]),
                            torch.cat([p.empty for p in parts]),
                            torch.cat([p.cam for p in parts]) if keep_maps else None)
+
+    def _choose_layout(self, images: Tensor, labels: Tensor, keep_maps: bool) -> BatchResult:
+        """Compute a first batch in both memory layouts; keep channels-last if it gives the
+        same results (rel. 1e-4), else the default layout, with a note. A model that
+        ``.view()``s a feature map fails under channels-last: that is a "no" too."""
+        self._layout_undecided = False
+        reference = self.compute_batch(images, labels, keep_maps)
+        self.model.to(memory_format=torch.channels_last)
+        self.channels_last = True
+        try:
+            candidate = self.compute_batch(images, labels, keep_maps)
+            same = all(_close(a, b) for a, b in ((candidate.logits, reference.logits),
+                                                 (candidate.reaction, reference.reaction)))
+            why = "its results differ"
+        except RuntimeError as error:
+            same, why = False, first_line(error)
+        if same:
+            return candidate
+        self.model.to(memory_format=torch.contiguous_format)
+        self.channels_last = False
+        logger.warning(f"the model runs in the default memory layout: channels-last, faster "
+                       f"on a CPU, does not suit it ({why})")
+        return reference
 
     def _sub_batch_size(self, images: Tensor) -> int:
         if self.device.type != "cpu" or len(images) <= 1:
@@ -173,6 +204,12 @@ class TorchBackend:
         cam = grad_cam_map(activation, gradients)
         reaction, empty = reaction_from_map(cam)
         return BatchResult(logits.detach(), reaction, empty, cam if keep_maps else None)
+
+
+def _close(candidate: Tensor, reference: Tensor) -> bool:
+    """Equal up to float32 rounding of another convolution algorithm."""
+    scale = float(reference.abs().max()) if reference.numel() else 0.0
+    return bool(torch.allclose(candidate, reference, rtol=1e-4, atol=1e-6 * max(scale, 1.0)))
 
 
 def _largest_activation_bytes(model: nn.Module, image: Tensor) -> int:
@@ -230,7 +267,7 @@ class TorchKind(BackendKind):
         model = setup.inputs.model
         self._shared = None if model is None else TorchBackend(
             model, setup.spec, setup.device,
-            channels_last=setup.inputs.model_spec is not None)  # zoo models only
+            channels_last=True if setup.inputs.model_spec is not None else None)  # zoo: yes
 
     @staticmethod
     def device(requested: str) -> torch.device:

@@ -619,3 +619,38 @@ def test_channels_last_on_cpu_gives_the_default_layouts_results(case_name: str) 
     assert torch.equal(got.empty, expected.empty)
     torch.testing.assert_close(got.reaction, expected.reaction, rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(got.logits, expected.logits, rtol=1e-5, atol=1e-6)
+
+
+class FeatureMapNet(nn.Module):
+    """A foreign model whose head flattens the feature map with ``.view`` or ``flatten``."""
+
+    def __init__(self, flatten_with_view: bool) -> None:
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(),
+                                      nn.Conv2d(6, 8, 3, padding=1), nn.ReLU())
+        self.head = nn.Linear(8 * 6 * 7, 4)
+        self.flatten_with_view = flatten_with_view
+
+    def forward(self, x: Tensor) -> Tensor:
+        maps = self.features(x)
+        flat = maps.view(len(maps), -1) if self.flatten_with_view else maps.flatten(1)
+        return self.head(flat)
+
+
+@pytest.mark.parametrize(("flatten_with_view", "kept"), [(False, True), (True, False)],
+                         ids=["flatten: channels-last kept", ".view: default layout"])
+def test_a_foreign_models_layout_is_chosen_on_its_first_batch(flatten_with_view, kept,
+                                                              caplog) -> None:
+    torch.manual_seed(0)
+    model = FeatureMapNet(flatten_with_view)
+    backend = TorchBackend(model, ReactionSpec("features.3"), channels_last=None)
+    images, labels = torch.rand(9, 3, 6, 7), torch.randint(0, 4, (9,))
+    with caplog.at_level("WARNING"):
+        results = [backend.compute(images, labels, keep_maps=True) for _ in range(2)]
+    assert backend.channels_last is kept
+    noted = [r.getMessage() for r in caplog.records if "memory layout" in r.getMessage()]
+    assert len(noted) == (0 if kept else 1)  # once per backend, not per batch
+    reference = reference_grad_cam(model, "features.3", images, labels)
+    for result in results:  # the deciding batch and the next give the float64 loop's values
+        assert result.cam is not None
+        assert_matches_reference(result.cam, result.reaction, result.empty, reference)
