@@ -698,6 +698,93 @@ def analyzer_compare(run_files: tuple[Path, ...], series: tuple[str, ...],
         click.echo(f"wrote {out}", err=True)
 
 
+# --- analyzer filters (seed 004) -----------------------------------------------------------
+
+
+@analyzer.command("filters")
+@click.argument("checkpoints", nargs=-1, type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--ckpt-dir", type=click.Path(path_type=Path), default=None,
+              help="Folder of checkpoints: every epoch's filters against those of --against.")
+@click.option("--against", type=int, default=None, metavar="EPOCH",
+              help="With --ckpt-dir: the epoch whose filters every epoch is compared with.")
+@click.option("--epochs", default=None, metavar="SEL",
+              help="With --ckpt-dir: epochs to compare (1:1000:10, 1,10,100). Default: all.")
+@_model_options(layer_help="Conv layer whose filters are compared (qualified module name). "
+                           "Default: the first conv layer.")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Draw the heat maps into this image file (.png, .pdf or .svg).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON rows instead of a table.")
+@click.option("--results", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="With --ckpt-dir: store /filters in this file (created if missing) instead "
+                   "of the run file.")
+@_user_errors
+def analyzer_filters(checkpoints: tuple[Path, ...], ckpt_dir: Path | None, against: int | None,
+                     epochs: str | None, run: Path | None, model: str | None,
+                     layer: str | None, image_size: str | None, channels: int | None,
+                     out: Path | None, as_json: bool, results: Path | None) -> None:
+    """Filter dissimilarity (seed 004 eq. 1): S_i = min_j ||F_i - G_j||_2, both ways.
+
+    Two checkpoints A B: A's filters against B's and B's against A's. --ckpt-dir with
+    --against EPOCH: every epoch's filters against that epoch's, stored in /filters/<layer>
+    of the run file (or --results).
+
+    \b
+    Examples:
+      analyzer filters runs/a/checkpoints/epoch_1000.safetensors \\
+          runs/b/checkpoints/epoch_1000.safetensors --json
+      analyzer filters --ckpt-dir runs/m4/checkpoints --against 1000 --out figs/filters.png
+    """
+    from analyzer import filter_analysis
+    from analyzer.filter_weights import NetworkOptions
+    from store.datasets import parse_image_size
+
+    network = NetworkOptions(run=run, model=model, channels=channels,
+                             image_size=parse_image_size(image_size) if image_size else None)
+    if ckpt_dir is None:
+        if len(checkpoints) != 2 or against is not None or epochs or results:
+            raise InputError("give two checkpoint files A B, or --ckpt-dir DIR --against EPOCH "
+                             "(--epochs and --results apply to --ckpt-dir only)")
+        comparison = filter_analysis.compare_pair(*checkpoints, layer=layer, network=network)
+        figure = filter_analysis.pair_figure(comparison) if out else None
+        click.echo(filter_analysis.to_json(filter_analysis.pair_rows(comparison)) if as_json
+                   else filter_analysis.format_pair(comparison))
+    else:
+        if checkpoints or against is None:
+            raise InputError("--ckpt-dir compares every epoch with one: give --against EPOCH "
+                             "and no checkpoint files")
+        evolution = filter_analysis.filter_evolution(ckpt_dir, against, epochs, layer, network)
+        figure = filter_analysis.evolution_figure(evolution) if out else None
+        click.echo(filter_analysis.to_json(filter_analysis.evolution_rows(evolution)) if as_json
+                   else filter_analysis.format_evolution(evolution))
+        _store_filters(evolution, ckpt_dir, run, results)
+    if figure is not None:
+        _save_figure(figure, out)
+
+
+def _store_filters(evolution, ckpt_dir: Path, run: Path | None, results: Path | None) -> None:
+    from analyzer.inputs import find_run_file
+    from store.filter_results import write_filter_evolution
+    from store.result_target import results_target
+
+    target = results_target(find_run_file(ckpt_dir, run), results)
+    if target is None:
+        click.echo("note: not stored (no run file beside the checkpoints): give --results "
+                   "FILE.h5 to keep /filters", err=True)
+        return
+    write_filter_evolution(target, evolution)
+    click.echo(f"stored in {target}:/filters/{evolution.layer}", err=True)
+
+
+def _save_figure(figure, out: Path) -> None:
+    """Write a figure; a path that cannot take it is one line."""
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        figure.savefig(out, dpi=100)
+    except (OSError, ValueError) as error:
+        raise InputError(f"cannot write {out}: {error}") from None
+    click.echo(f"wrote {out}", err=True)
+
+
 @analyzer.command("info")
 @click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
