@@ -201,8 +201,13 @@ def analyzer() -> None:
 
 
 def _model_options(layer_help: str = "Grad-CAM layer (qualified module name). "
-                                     "Default: the model's own.") -> Callable:
-    """The options that say which network the checkpoints hold (reaction, export-onnx, cam)."""
+                                     "Default: the model's own.",
+                   channels_flag: str = "--channels") -> Callable:
+    """The options that say which network the checkpoints hold (reaction, export-onnx, cam).
+
+    ``channels_flag`` names the input-channels option where ``--channels`` means another
+    thing (``features``: the layer's channels).
+    """
     options = [
         click.option("--run", type=click.Path(dir_okay=False, path_type=Path), default=None,
                      help="The run file. Default: run.h5 in the checkpoint folder's parent."),
@@ -211,7 +216,7 @@ def _model_options(layer_help: str = "Grad-CAM layer (qualified module name). "
                           "an nn.Module. Default: the run file's model."),
         click.option("--layer", default=None, help=layer_help),
         click.option("--image-size", default=None, metavar="HxW", help="Model input size."),
-        click.option("--channels", default=None, type=click.IntRange(1, 3), help="1 or 3."),
+        click.option(channels_flag, default=None, type=click.IntRange(1, 3), help="1 or 3."),
     ]
 
     def apply(command: Callable) -> Callable:
@@ -696,6 +701,86 @@ def analyzer_compare(run_files: tuple[Path, ...], series: tuple[str, ...],
     if out is not None:
         compare.write_figure(compare.sweep_figure(rows), out)
         click.echo(f"wrote {out}", err=True)
+
+
+# --- analyzer features (seed 003) ----------------------------------------------------------
+
+
+@analyzer.command("features")
+@click.option("--ckpt-dir", type=click.Path(path_type=Path), required=True,
+              help="Folder of checkpoints, one file per epoch.")
+@click.option("--epochs", default=None, metavar="SEL",
+              help="Columns: epochs with a checkpoint (1,2,5,10,20,50 or 1:100:10). "
+                   "Default: those nearest 1, 2, 5, 10, 20, 50, 100, ... and the last.")
+@click.option("--channels", default=None, metavar="SEL",
+              help="Rows: channels of the layer, START:STOP (half-open, 0:16) or 0,3,7. "
+                   "Default: the first 16.")
+@click.option("--split", default="train", show_default=True,
+              help="Images searched for the strongest activation.")
+@_model_options(layer_help="Layer whose feature maps are shown (qualified module name). "
+                           "Default: the Grad-CAM layer.", channels_flag="--input-channels")
+@click.option("--data", "data", multiple=True, metavar="SPLIT=FOLDER",
+              help="Images of a split, one sub-folder per class. Default: the run's splits.")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Draw the grid, channels x epochs, into this image file (.png, .pdf, .svg).")
+@click.option("--results", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Store /features in this file (created if missing) instead of the run file.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N.")
+@click.option("--batch-size", default=256, show_default=True, type=click.IntRange(1))
+@click.option("-q", "--quiet", is_flag=True, help="No table and no notes.")
+@_user_errors
+def analyzer_features(ckpt_dir: Path, epochs: str | None, channels: str | None, split: str,
+                      run: Path | None, model: str | None, layer: str | None,
+                      image_size: str | None, input_channels: int | None,
+                      data: tuple[str, ...], out: Path | None, results: Path | None,
+                      device: str, batch_size: int, quiet: bool) -> None:
+    """Feature evolution during training (seed 003 fig. 4), channels x epochs.
+
+    For each channel of the layer and each epoch: the image of the split with the strongest
+    activation, the patch under its receptive field, and the activation projected into pixel
+    space with a deconvnet (docs/METHOD.md §5). Stored in /features/<layer> of the run file
+    (or --results).
+
+    \b
+    Examples:
+      analyzer features --ckpt-dir runs/demo/checkpoints --out figs/features.png
+      analyzer features --ckpt-dir runs/m4/checkpoints --epochs 1,2,5,10,20,50,100,1000 \\
+          --layer features.5 --channels 0:16 --out figs/features.png
+    """
+    from analyzer.features import (
+        FeatureOptions,
+        compute_features,
+        features_figure,
+        format_features,
+    )
+    from analyzer.inputs import parse_data_options
+    from store.datasets import parse_image_size
+    from store.feature_results import write_feature_evolution
+    from store.result_target import results_target
+
+    _configure_notes(quiet)
+    evolution, run_file = compute_features(FeatureOptions(
+        ckpt_dir=ckpt_dir, epochs=epochs, layer=layer, channels=channels, split=split, run=run,
+        model=model, data=parse_data_options(data),
+        image_size=parse_image_size(image_size) if image_size else None,
+        input_channels=input_channels, device=device, batch_size=batch_size))
+    if not quiet:
+        click.echo(format_features(evolution))
+    target = results_target(run_file, results)
+    if target is None:
+        click.echo("note: not stored (no run file beside the checkpoints): give --results "
+                   "FILE.h5 to keep /features", err=True)
+    else:
+        write_feature_evolution(target, evolution)
+        click.echo(f"stored in {target}:/features/{evolution.layer}", err=True)
+    if out is not None:
+        _save_figure(features_figure(evolution, _class_names(run_file)), out)
+
+
+def _class_names(run_file: Path | None) -> list[str] | None:
+    from store.runfile import read_run_info
+
+    return read_run_info(run_file).class_names if run_file is not None else None
 
 
 # --- analyzer filters (seed 004) -----------------------------------------------------------

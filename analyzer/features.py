@@ -1,0 +1,233 @@
+"""`analyzer features`: feature evolution during training (seed 003 fig. 4).
+
+For each chosen channel of a layer, at each chosen epoch: the image of the split (training by
+default) whose activation in that channel is the strongest, the position of that activation
+and the patch of the image under its receptive field, and the activation projected into pixel
+space with a deconvnet (:mod:`analyzer.deconvnet`). Drawn as a grid, channels × epochs, each
+cell the patch beside its projection; stored in ``/features/<layer>``. A sudden change of a
+row's picture means another image became the strongest.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from matplotlib.figure import Figure
+
+from analyzer.deconvnet import (
+    deconvnet_projection,
+    layer_output,
+    receptive_fields,
+    strongest_activations,
+)
+from analyzer.pass_setup import PassRequest, set_up_pass
+from analyzer.plan import parse_epochs
+from analyzer.torch_backend import _eval_mode, find_layer
+from store.errors import InputError
+from store.feature_results import FeatureEvolution
+from store.model_files import discover_checkpoints
+
+logger = logging.getLogger(__name__)
+
+METHOD = "deconvnet"
+MAX_CHANNELS = 64  # rows of the grid
+MAX_EPOCHS = 20  # its columns
+DEFAULT_CHANNELS = 16
+
+
+@dataclass(frozen=True)
+class FeatureOptions:
+    """The options of `analyzer features` (see its ``--help``); None: as the run says."""
+
+    ckpt_dir: Path
+    epochs: str | None = None
+    layer: str | None = None
+    channels: str | None = None
+    split: str = "train"
+    run: Path | None = None
+    model: str | None = None
+    data: dict[str, Path] = field(default_factory=dict)
+    image_size: tuple[int, int] | None = None
+    input_channels: int | None = None
+    device: str = "auto"
+    batch_size: int = 256
+
+
+def feature_epochs(available: Sequence[int]) -> list[int]:
+    """Default columns: the checkpoints nearest 1, 2, 5, 10, 20, 50, 100, … and the last
+    (seed 003 fig. 4 shows epochs 1, 2, 5, 10, 20, 30, 40, 64)."""
+    available = sorted(available)
+    if not available:
+        return []
+    targets, scale = [], 1
+    while scale <= available[-1]:
+        targets += [scale, 2 * scale, 5 * scale]
+        scale *= 10
+    targets = [t for t in targets if t <= available[-1]] + [available[-1]]
+    nearest = {min(available, key=lambda epoch, t=t: (abs(epoch - t), epoch)) for t in targets}
+    return sorted(nearest)[-MAX_EPOCHS:]
+
+
+def parse_channels(text: str | None, count: int) -> list[int]:
+    """``--channels``: ``START:STOP[:STEP]`` (half-open, as a Python slice) or ``0,3,7``;
+    None: the first :data:`DEFAULT_CHANNELS` (all when fewer)."""
+    if text is None:
+        return list(range(min(count, DEFAULT_CHANNELS)))
+    try:
+        if ":" in text:
+            parts = [int(p) if p.strip() else None for p in text.split(":")]
+            if len(parts) > 3:
+                raise ValueError(text)
+            chosen = list(range(count))[slice(*parts)]
+        else:
+            chosen = [int(p) for p in text.split(",") if p.strip()]
+    except ValueError:
+        raise InputError(f"--channels takes START:STOP (e.g. 0:16) or a list (0,3,7), got "
+                         f"{text!r}") from None
+    wrong = [c for c in chosen if not 0 <= c < count]
+    if wrong or not chosen:
+        raise InputError(f"--channels {text}: the layer has channels 0–{count - 1}")
+    if len(chosen) > MAX_CHANNELS:
+        raise InputError(f"--channels {text} selects {len(chosen)} channels: the grid has at "
+                         f"most {MAX_CHANNELS} rows")
+    return chosen
+
+
+def compute_features(options: FeatureOptions) -> tuple[FeatureEvolution, Path | None]:
+    """Search, project and measure each chosen channel at each chosen epoch.
+
+    Returns:
+        The evolution and the run file beside the checkpoints (None when there is none).
+    """
+    _refuse_onnx_only(options.ckpt_dir)
+    analysis = set_up_pass(PassRequest(
+        ckpt_dir=options.ckpt_dir, run=options.run, model=options.model, layer=options.layer,
+        data=options.data, image_size=options.image_size, channels=options.input_channels,
+        splits=[options.split], device=options.device, backend="torch"))
+    available = [c.epoch for c in analysis.checkpoints]
+    wanted = parse_epochs(options.epochs, available) if options.epochs else \
+        feature_epochs(available)
+    chosen = [c for c in analysis.checkpoints if c.epoch in wanted]
+    if len(chosen) > MAX_EPOCHS:
+        raise InputError(f"--epochs {options.epochs} selects {len(chosen)} checkpoints: the grid "
+                         f"has at most {MAX_EPOCHS} columns (e.g. --epochs 1,2,5,10,20,50,100)")
+    if not analysis.inputs.splits:
+        raise InputError(f"the {options.split} split has no images")
+    split, layer = analysis.inputs.splits[0], analysis.spec.layer
+    device = analysis.kind.setup.device
+    images = torch.as_tensor(split.images, device=device)
+    cells: dict[str, list] = {name: [] for name in (
+        "image", "activation", "position_row", "position_col", "patch", "projection")}
+    channels: list[int] | None = None
+    hashes = []
+    for checkpoint in chosen:
+        loaded = analysis.kind.load(checkpoint)
+        model = analysis.kind.backend(loaded).model
+        module = find_layer(model, layer)
+        if channels is None:
+            channels = parse_channels(options.channels, _channel_count(model, module, layer,
+                                                                       images[:1]))
+        picked = torch.as_tensor(channels, device=device)
+        best = strongest_activations(model, module, layer, images, picked, options.batch_size)
+        projection = deconvnet_projection(model, module, layer, images[best.image], picked,
+                                          best.row, best.col)
+        if projection.rectifiers == 0 and checkpoint is chosen[0]:
+            logger.warning(f"no ReLU before layer {layer}: the projection is the plain gradient")
+        cells["image"].append(best.image.cpu().numpy())
+        cells["activation"].append(best.value.cpu().numpy())
+        cells["position_row"].append(best.row.cpu().numpy())
+        cells["position_col"].append(best.col.cpu().numpy())
+        cells["patch"].append(receptive_fields(model, module, layer, tuple(images.shape[1:]),
+                                               picked, best.row, best.col).numpy())
+        cells["projection"].append(projection.pixels.cpu().numpy())
+        hashes.append(loaded.sha256)
+    image = np.stack(cells["image"])
+    return FeatureEvolution(
+        layer=layer, split=split.name, method=METHOD,
+        epochs=np.asarray([c.epoch for c in chosen]), channels=np.asarray(channels),
+        image=image, image_id=[[split.identity.ids[i] for i in row] for row in image],
+        label=np.asarray(split.identity.labels)[image],
+        activation=np.stack(cells["activation"]),
+        position_row=np.stack(cells["position_row"]),
+        position_col=np.stack(cells["position_col"]), patch=np.stack(cells["patch"]),
+        projection=np.stack(cells["projection"]), input=split.images[image],
+        checkpoint_files=[c.path.name for c in chosen], checkpoint_sha256=hashes), \
+        analysis.run_file
+
+
+def _refuse_onnx_only(folder: Path) -> None:
+    checkpoints, _ = discover_checkpoints(folder)
+    if all(c.path.suffix.lower() == ".onnx" for c in checkpoints):
+        raise InputError(f"{folder} holds ONNX checkpoints only: the deconvnet projection "
+                         "needs the PyTorch checkpoints they were exported from")
+
+
+def _channel_count(model, module, layer: str, image: torch.Tensor) -> int:
+    with _eval_mode(model), torch.no_grad():
+        return int(layer_output(model, module, layer, image).shape[1])
+
+
+def format_features(result: FeatureEvolution) -> str:
+    """Per epoch and channel: the strongest image, its class, position and activation."""
+    lines = [f"layer {result.layer}, strongest activation over the {result.split} split "
+             f"(projection: {result.method})",
+             f"{'epoch':>6}  {'channel':>7}  {'image':>24}  {'label':>5}  {'position':>9}  "
+             f"{'activation':>10}"]
+    for k, epoch in enumerate(result.epochs):
+        for c, channel in enumerate(result.channels):
+            position = f"{result.position_row[k, c]},{result.position_col[k, c]}"
+            lines.append(f"{epoch:>6}  {channel:>7}  {result.image_id[k][c]:>24}  "
+                         f"{result.label[k, c]:>5}  {position:>9}  "
+                         f"{result.activation[k, c]:>10.5g}")
+    return "\n".join(lines)
+
+
+def features_figure(result: FeatureEvolution, class_names: Sequence[str] | None = None
+                    ) -> Figure:
+    """Rows: channels; columns: epochs, each a pair: the image patch under the receptive
+    field, and the projection there (grey 0.5 = zero, each cell to its own largest |value|,
+    as seed 003 enhances the contrast)."""
+    rows, epochs = len(result.channels), len(result.epochs)
+    top, stop, left, right = (result.patch[..., k] for k in range(4))
+    aspect = float(np.median((right - left) / np.maximum(stop - top, 1)))
+    cell = float(np.clip(1.1 * aspect, 0.9, 4.0))
+    figure = Figure(figsize=(2 * cell * epochs + 0.8, 1.15 * rows + 0.9), layout="constrained")
+    axes = figure.subplots(rows, 2 * epochs, squeeze=False)
+    for c in range(rows):
+        for k in range(epochs):
+            box = (slice(None), slice(top[k, c], stop[k, c]), slice(left[k, c], right[k, c]))
+            _show(axes[c, 2 * k], result.input[k, c][box], centred=False)
+            _show(axes[c, 2 * k + 1], result.projection[k, c][box], centred=True)
+            label = int(result.label[k, c])
+            name = class_names[label] if class_names and label < len(class_names) else label
+            axes[c, 2 * k].set_title(f"{_short(result.image_id[k][c])} ({name})", fontsize=6)
+            axes[c, 2 * k + 1].set_title(f"a = {result.activation[k, c]:.3g}", fontsize=6)
+        axes[c, 0].set_ylabel(f"channel {result.channels[c]}", fontsize=7)
+    for k, epoch in enumerate(result.epochs):
+        axes[0, 2 * k].annotate(f"epoch {epoch}", (1.0, 1.35), xycoords="axes fraction",
+                                ha="center", fontsize=8, weight="bold")
+    figure.suptitle(f"Feature evolution, layer {result.layer}: strongest activation over the "
+                    f"{result.split} images (patch, {result.method} projection)", fontsize=9)
+    return figure
+
+
+def _show(axes, pixels: np.ndarray, centred: bool) -> None:
+    if centred:
+        scale = float(np.abs(pixels).max()) or 1.0
+        pixels = 0.5 + 0.5 * pixels / scale
+    pixels = np.clip(pixels, 0.0, 1.0)
+    if pixels.shape[0] == 1:
+        axes.imshow(pixels[0], cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest")
+    else:
+        axes.imshow(np.moveaxis(pixels[:3], 0, -1), interpolation="nearest")
+    axes.set_xticks([])
+    axes.set_yticks([])
+
+
+def _short(image_id: str, most: int = 14) -> str:
+    return image_id if len(image_id) <= most else "…" + image_id[-(most - 1):]
