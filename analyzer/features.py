@@ -81,8 +81,10 @@ def parse_channels(text: str | None, count: int) -> list[int]:
     try:
         if ":" in text:
             parts = [int(p) if p.strip() else None for p in text.split(":")]
-            if len(parts) > 3:
+            if len(parts) > 3 or parts[-1] == 0:
                 raise ValueError(text)
+            if any(p is not None and not 0 <= p <= count for p in parts[:2]):
+                raise InputError(f"--channels {text}: the layer has channels 0–{count - 1}")
             chosen = list(range(count))[slice(*parts)]
         else:
             chosen = [int(p) for p in text.split(",") if p.strip()]

@@ -1,0 +1,230 @@
+"""`analyzer features`: the strongest activation, its deconvnet projection and receptive field,
+checked against plain loops and a deconvnet written out layer by layer."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+import xarray as xr
+from click.testing import CliRunner
+from torch import nn
+
+from analyzer.deconvnet import deconvnet_projection, receptive_fields
+from analyzer.features import FeatureOptions, compute_features, feature_epochs, parse_channels
+from cli import analyzer
+from store.checkpoints import load_checkpoint
+from store.datasets import open_source
+from store.errors import InputError
+from store.runfile import read_run_info
+from tests.conftest import run_cli
+from trainer.models import ModelSpec, build_model
+
+EPOCHS = 3
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Path:
+    """A 3-epoch run of the default model on the embedded digits."""
+    out = tmp_path_factory.mktemp("features") / "demo"
+    result = run_cli("trainer", "run", "--out", str(out), "--epochs", str(EPOCHS), "-q")
+    assert result.returncode == 0, result.stderr
+    return out
+
+
+class TinyNet(nn.Module):
+    """conv 3×3 → ReLU → max-pool 2 → conv 3×3 → ReLU; ``functional`` uses F.relu instead
+    of ReLU modules (the deconvnet must catch both)."""
+
+    def __init__(self, functional: bool = False, padding: int = 0) -> None:
+        super().__init__()
+        self.functional = functional
+        self.conv1 = nn.Conv2d(1, 2, 3, padding=padding)
+        self.relu1 = nn.ReLU()
+        self.conv2 = nn.Conv2d(2, 3, 3, padding=padding)
+        self.relu2 = nn.ReLU()
+        self.top = nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rectify1 = F.relu if self.functional else self.relu1
+        rectify2 = F.relu if self.functional else self.relu2
+        x = F.max_pool2d(rectify1(self.conv1(x)), 2)
+        return self.top(rectify2(self.conv2(x)))
+
+
+def manual_deconvnet(net: TinyNet, image: torch.Tensor, channel: int, row: int,
+                     col: int) -> torch.Tensor:
+    """Zeiler & Fergus's deconvnet for TinyNet, step by step in float64: forward with the
+    pooling switches, then unpool, rectify and filter with the transposed kernels."""
+    w1, b1 = net.conv1.weight.detach().double(), net.conv1.bias.detach().double()
+    w2, b2 = net.conv2.weight.detach().double(), net.conv2.bias.detach().double()
+    x = image.double()[None]
+    r1 = torch.relu(F.conv2d(x, w1, b1, padding=net.conv1.padding))
+    p1, switches = F.max_pool2d(r1, 2, return_indices=True)
+    r2 = torch.relu(F.conv2d(p1, w2, b2, padding=net.conv2.padding))
+    signal = torch.zeros_like(r2)
+    signal[0, channel, row, col] = r2[0, channel, row, col]
+    signal = torch.relu(signal)  # the layer's own rectification
+    down = F.conv_transpose2d(signal, w2, padding=net.conv2.padding)
+    down = F.max_unpool2d(down, switches, 2, output_size=r1.shape[-2:])
+    down = torch.relu(down)
+    return F.conv_transpose2d(down, w1, padding=net.conv1.padding)[0]
+
+
+@pytest.mark.parametrize("functional", [False, True])
+def test_the_projection_equals_a_deconvnet_written_layer_by_layer(functional):
+    torch.manual_seed(0)
+    net = TinyNet(functional).eval()
+    images = torch.rand(4, 1, 10, 10)
+    channels, rows, cols = (torch.tensor(v) for v in ([0, 1, 2, 1], [0, 1, 0, 1], [1, 0, 0, 1]))
+    projection = deconvnet_projection(net, net.relu2 if not functional else net.top,
+                                      "relu2", images, channels, rows, cols)
+    assert projection.rectifiers == 2  # one ReLU call per layer, for the whole batch
+    for r in range(4):
+        expected = manual_deconvnet(net, images[r], int(channels[r]), int(rows[r]),
+                                    int(cols[r]))
+        assert expected.abs().max() > 0
+        np.testing.assert_allclose(projection.pixels[r].numpy(), expected.numpy(),
+                                   rtol=1e-5, atol=1e-6)
+
+
+def test_the_projection_is_not_the_plain_gradient():
+    torch.manual_seed(3)
+    net = TinyNet().eval()
+    image = torch.rand(1, 1, 10, 10, requires_grad=True)
+    channel, row, col = torch.tensor([1]), torch.tensor([1]), torch.tensor([1])
+    projection = deconvnet_projection(net, net.relu2, "relu2", image.detach(), channel, row,
+                                      col).pixels
+    out = F.relu(net.conv2(F.max_pool2d(F.relu(net.conv1(image)), 2)))
+    (gradient,) = torch.autograd.grad(out[0, 1, 1, 1] * out[0, 1, 1, 1].detach(), image)
+    assert not torch.allclose(projection, gradient)  # negative signals pass the gradient
+
+
+def test_receptive_fields_worked_out_on_paper():
+    net = TinyNet().eval()
+    # 10×10 → conv 8×8 → pool 4×4 → conv 2×2; position y of the top sees pool rows y…y+2,
+    # i.e. input rows 2y … 2(y+2)+1+2 = 2y+7: the box [2y, 2y+8)
+    boxes = receptive_fields(net, net.relu2, "relu2", (1, 10, 10), torch.tensor([0, 2, 1]),
+                             torch.tensor([0, 1, 1]), torch.tensor([0, 0, 1]))
+    assert boxes.tolist() == [[0, 8, 0, 8], [2, 10, 0, 8], [2, 10, 2, 10]]
+    padded = TinyNet(padding=1).eval()
+    # padding 1: 10×10 → 10×10 → 5×5 → 5×5; top position 0 sees pool rows −1…1 → input
+    # rows 0…3 and one more for the first conv's padding: [0, 5), clipped at the border
+    boxes = receptive_fields(padded, padded.relu2, "relu2", (1, 10, 10), torch.tensor([0]),
+                             torch.tensor([0]), torch.tensor([4]))
+    assert boxes.tolist() == [[0, 5, 5, 10]]
+
+
+def loop_strongest(model: nn.Module, layer: str, images: np.ndarray,
+                   channels: list[int]) -> list[tuple[int, int, int, float]]:
+    """(image, row, col, value) of each channel's strongest activation: a plain loop over
+    images and positions in float64; the first one wins on ties."""
+    model = model.double().eval()
+    module = dict(model.named_modules())[layer]
+    kept = {}
+    handle = module.register_forward_hook(lambda m, i, o: kept.update(a=o))
+    best = {c: (-1, -1, -1, -np.inf) for c in channels}
+    with torch.no_grad():
+        for n, image in enumerate(images):
+            model(torch.as_tensor(image[None], dtype=torch.float64))
+            activation = kept["a"][0].numpy()
+            for c in channels:
+                for y in range(activation.shape[1]):
+                    for x in range(activation.shape[2]):
+                        if activation[c, y, x] > best[c][3]:
+                            best[c] = (n, y, x, float(activation[c, y, x]))
+    handle.remove()
+    return [best[c] for c in channels]
+
+
+def test_the_strongest_activation_over_the_training_images_matches_a_plain_loop(trained):
+    evolution, run_file = compute_features(FeatureOptions(
+        ckpt_dir=trained / "checkpoints", epochs=f"1,{EPOCHS}", channels="0:32:5",
+        batch_size=100, device="cpu"))
+    assert run_file == trained / "run.h5"
+    assert evolution.channels.tolist() == [0, 5, 10, 15, 20, 25, 30]
+    info = read_run_info(run_file)
+    images = open_source("digits").load(info.split_ids["train"], 1, (8, 8))
+    for k, epoch in enumerate((1, EPOCHS)):
+        weights, metadata = load_checkpoint(
+            trained / "checkpoints" / f"epoch_{epoch:04d}.safetensors")
+        model = build_model(ModelSpec.from_json(metadata["model"]))
+        model.load_state_dict(weights)
+        expected = loop_strongest(model, "features.5", images, evolution.channels.tolist())
+        for c, (image, row, col, value) in enumerate(expected):
+            assert (evolution.image[k, c], evolution.position_row[k, c],
+                    evolution.position_col[k, c]) == (image, row, col)
+            assert evolution.activation[k, c] == pytest.approx(value, rel=1e-5)
+            assert evolution.image_id[k][c] == info.split_ids["train"][image]
+            assert evolution.label[k, c] == info.split_labels["train"][image]
+        np.testing.assert_array_equal(evolution.input[k], images[evolution.image[k]])
+    # two 3×3 convolutions: a 5×5 patch around the position (the map is 4×4 of 8×8)
+    boxes = evolution.patch.reshape(-1, 4)
+    rows = evolution.position_row.ravel()
+    cols = evolution.position_col.ravel()
+    assert boxes.tolist() == [[r, r + 5, c, c + 5] for r, c in zip(rows, cols, strict=True)]
+
+
+def test_features_command_stores_the_group_and_draws_the_grid(trained, tmp_path):
+    run = tmp_path / "demo"
+    shutil.copytree(trained, run)
+    out = tmp_path / "features.png"
+    result = CliRunner().invoke(analyzer, [
+        "features", "--ckpt-dir", str(run / "checkpoints"), "--channels", "0,3",
+        "--out", str(out), "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert f"stored in {run / 'run.h5'}:/features/features.5" in result.output
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with h5py.File(run / "run.h5", "r") as handle:
+        group = handle["features/features.5"]
+        assert group.attrs["method"] == "deconvnet" and group.attrs["split"] == "train"
+        assert group["epoch"][()].tolist() == [1, 2, 3]  # the default: nearest 1, 2, and last
+        assert group["projection"].shape == (3, 2, 1, 8, 8)
+        # outside the receptive field the projection is exactly zero
+        for k in range(3):
+            for c in range(2):
+                top, stop = group["patch_row_start"][k, c], group["patch_row_stop"][k, c]
+                left, right = group["patch_col_start"][k, c], group["patch_col_stop"][k, c]
+                outside = np.ones((8, 8), bool)
+                outside[top:stop, left:right] = False
+                assert np.all(group["projection"][k, c, 0][outside] == 0)
+    labelled = xr.open_dataset(run / "run.h5", engine="h5netcdf", group="features/features.5")
+    assert labelled["projection"].dims == ("epoch", "channel", "colour", "row", "col")
+
+
+def test_bad_options_are_one_line(trained, tmp_path):
+    onnx_only = tmp_path / "onnx"
+    onnx_only.mkdir()
+    (onnx_only / "epoch_0001.onnx").write_bytes(b"not really")
+    for arguments, message in (
+            (["--channels", "0:99:50"], "Error: --channels 0:99:50: the layer has channels "
+                                        "0–31"),
+            (["--channels", "a:b"], "Error: --channels takes START:STOP (e.g. 0:16) or a list "
+                                    "(0,3,7), got 'a:b'"),
+            (["--layer", "classifier.1"], "Error: layer 'classifier.1' gives (1, 64), not a "
+                                          "feature map [batch, channels, height, width]: "
+                                          "choose a convolutional layer")):
+        result = CliRunner().invoke(analyzer, ["features", "--ckpt-dir",
+                                               str(trained / "checkpoints"), "--epochs", "1",
+                                               "--device", "cpu", *arguments])
+        assert result.exit_code == 1
+        assert result.output.strip().splitlines()[-1] == message
+    result = CliRunner().invoke(analyzer, ["features", "--ckpt-dir", str(onnx_only)])
+    assert result.exit_code == 1
+    assert result.output.strip() == (
+        f"Error: {onnx_only} holds ONNX checkpoints only: the deconvnet projection needs the "
+        "PyTorch checkpoints they were exported from")
+
+
+def test_default_epochs_follow_seed_003():
+    assert feature_epochs(range(1, 1001)) == [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000]
+    assert feature_epochs([1, 10, 100, 1000]) == [1, 10, 100, 1000]
+    assert parse_channels(None, 8) == list(range(8))
+    assert parse_channels("2:", 5) == [2, 3, 4]
+    with pytest.raises(InputError, match="at most 64 rows"):
+        parse_channels("0:100", 128)
