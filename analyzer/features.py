@@ -25,11 +25,12 @@ from analyzer.deconvnet import (
     receptive_fields,
     strongest_activations,
 )
+from analyzer.figures import NamedFigure, RunData
 from analyzer.pass_setup import PassRequest, set_up_pass
 from analyzer.plan import parse_epochs
 from analyzer.torch_backend import _eval_mode, find_layer
 from store.errors import InputError
-from store.feature_results import FeatureEvolution
+from store.feature_results import FeatureEvolution, read_feature_evolutions
 from store.model_files import discover_checkpoints
 
 logger = logging.getLogger(__name__)
@@ -233,3 +234,16 @@ def _show(axes, pixels: np.ndarray, centred: bool) -> None:
 
 def _short(image_id: str, most: int = 14) -> str:
     return image_id if len(image_id) <= most else "…" + image_id[-(most - 1):]
+
+
+def report_figures(runs: Sequence[RunData]) -> list[NamedFigure]:
+    """The stored ``/features`` grids of every run, for `analyzer report` (none: no figure)."""
+    named = []
+    for run in runs:
+        for evolution in read_feature_evolutions(run.path):
+            named.append(NamedFigure(
+                f"features_{len(named) + 1}",
+                f"Feature evolution (seed 003 fig. 4), {run.label}, layer {evolution.layer}, "
+                f"{evolution.split} images, epochs {', '.join(map(str, evolution.epochs))}",
+                features_figure(evolution, run.class_names)))
+    return named

@@ -10,18 +10,20 @@ The math is :mod:`analyzer.filters`; the weights come from :mod:`analyzer.filter
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from matplotlib.figure import Figure
 
+from analyzer.figures import NamedFigure, RunData
 from analyzer.filter_weights import ConvFilters, NetworkOptions, network_for, read_filters
 from analyzer.filters import Dissimilarity, both_directions, check_same_kernels
 from analyzer.plan import parse_epochs
 from store.checkpoints import sha256_file
 from store.errors import InputError
-from store.filter_results import FilterEvolution
+from store.filter_results import FilterEvolution, read_filter_evolutions
 from store.model_files import discover_checkpoints
 
 _ANNOTATE_UP_TO = 32  # filters: beyond this the values printed in the cells are unreadable
@@ -212,3 +214,16 @@ def evolution_figure(result: FilterEvolution) -> Figure:
 def to_json(rows: list[dict]) -> str:
     """The rows as an indented JSON list."""
     return json.dumps(rows, indent=1)
+
+
+def report_figures(runs: Sequence[RunData]) -> list[NamedFigure]:
+    """The stored ``/filters`` heat maps of every run, for `analyzer report`."""
+    named = []
+    for run in runs:
+        for evolution in read_filter_evolutions(run.path):
+            named.append(NamedFigure(
+                f"filters_{len(named) + 1}",
+                f"Filter dissimilarity over the epochs (seed 004 eq. 1), {run.label}, layer "
+                f"{evolution.layer}, against epoch {evolution.against}",
+                evolution_figure(evolution)))
+    return named

@@ -228,3 +228,25 @@ def test_default_epochs_follow_seed_003():
     assert parse_channels("2:", 5) == [2, 3, 4]
     with pytest.raises(InputError, match="at most 64 rows"):
         parse_channels("0:100", 128)
+
+
+def test_report_shows_the_stored_features_and_leaves_the_section_out_without_them(trained,
+                                                                                 tmp_path):
+    run = tmp_path / "demo"
+    shutil.copytree(trained, run)
+    plain = CliRunner().invoke(analyzer, ["report", str(run / "run.h5"), "--out",
+                                          str(tmp_path / "plain"), "--no-cam"])
+    assert plain.exit_code == 0, plain.output
+    assert 'id="features"' not in (tmp_path / "plain" / "index.html").read_text()
+    stored = CliRunner().invoke(analyzer, ["features", "--ckpt-dir", str(run / "checkpoints"),
+                                           "--channels", "0:2", "--epochs", "1", "-q"])
+    assert stored.exit_code == 0, stored.output
+    result = CliRunner().invoke(analyzer, ["report", str(run / "run.h5"), "--out",
+                                           str(tmp_path / "report"), "--no-cam"])
+    assert result.exit_code == 0, result.output
+    page = (tmp_path / "report" / "index.html").read_text()
+    section = page.split('<h2 id="features">')[1]
+    assert section.startswith("Feature evolution (seed 003 fig. 4)</h2>")
+    assert '<figure id="features_1"><img alt="Feature evolution' in section
+    assert "layer features.5, train images, epochs 1" in section
+    assert '<a href="#features">' in page

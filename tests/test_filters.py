@@ -199,3 +199,21 @@ def test_the_evolution_goes_into_the_run_file_beside_the_checkpoints(trained, tm
     with h5py.File(run / "run.h5", "r") as handle:
         assert handle["filters/features.0/epoch"][()].tolist() == [1, 3]
         assert handle["filters/features.0"].attrs["against"] == 1
+
+
+def test_report_shows_the_stored_filter_evolution(trained, tmp_path):
+    import shutil
+
+    run = tmp_path / "demo"
+    shutil.copytree(trained, run)
+    stored = CliRunner().invoke(analyzer, ["filters", "--ckpt-dir", str(run / "checkpoints"),
+                                           "--against", str(EPOCHS)])
+    assert stored.exit_code == 0, stored.output
+    result = CliRunner().invoke(analyzer, ["report", str(run / "run.h5"), "--out",
+                                           str(tmp_path / "report"), "--no-cam"])
+    assert result.exit_code == 0, result.output
+    page = (tmp_path / "report" / "index.html").read_text()
+    section = page.split('<h2 id="filters">')[1]
+    assert section.startswith("Filter dissimilarity (seed 004 eq. 1)</h2>")
+    assert f"layer features.0, against epoch {EPOCHS}" in section
+    assert '<figure id="filters_1"><img' in section
