@@ -2,7 +2,8 @@
 
 Our safetensors checkpoints, ``.pt``/``.pth``/``.ckpt`` state dicts (``weights_only=True``),
 TorchScript archives and ``torch.export`` programs all go through
-:func:`store.model_files.load_weights_file`. The conv layers are named in the network's order
+:func:`store.model_files.load_weights_file`; ONNX graphs give the kernels of their ``Conv``
+nodes in graph order (:mod:`store.onnx_weights`). The conv layers are named in the network's order
 when the network is known (the run file's or the checkpoint's zoo model, or ``--model``),
 else in the order the file stores its weights (PyTorch's registration order for pickles and
 programs): every 4-D ``<name>.weight`` is a conv layer ``<name>``.
@@ -25,6 +26,7 @@ from store.model_files import (
     load_weights_file,
     strip_common_prefix,
 )
+from store.onnx_weights import read_onnx_conv_weights
 
 
 @dataclass(frozen=True)
@@ -73,15 +75,15 @@ def read_filters(path: Path, layer: str | None, model: nn.Module | None = None) 
     """The filters of ``layer`` (default: the first conv layer) in the checkpoint ``path``.
 
     Args:
-        path: a checkpoint file of any kind but ONNX.
+        path: a checkpoint file of any kind the analyzer reads, ONNX included.
         layer: qualified name of a conv layer; None for the first.
         model: the network the weights belong to (:func:`network_for`), naming the conv
             layers in its order; None: every 4-D ``<name>.weight`` in the file's order.
     """
     path = Path(path)
-    if path.suffix.lower() == ".onnx":
-        raise InputError(f"{path} is an ONNX graph: compare the PyTorch checkpoint it was "
-                         "exported from (trainer run --onnx writes both)")
+    if path.suffix.lower() == ".onnx":  # the kernels of its Conv nodes, in graph order
+        return _pick(path, {name: torch.as_tensor(kernel) for name, kernel in
+                            read_onnx_conv_weights(path).items()}, layer)
     loaded = load_weights_file(path)
     if loaded.module is not None:  # a torch.export program: its own state dict, in order
         return _pick(path, _conv_weights(loaded.module.state_dict()), layer)

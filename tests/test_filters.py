@@ -217,3 +217,43 @@ def test_report_shows_the_stored_filter_evolution(trained, tmp_path):
     assert section.startswith("Filter dissimilarity (seed 004 eq. 1)</h2>")
     assert f"layer features.0, against epoch {EPOCHS}" in section
     assert '<figure id="filters_1"><img' in section
+
+
+def write_as(kind: str, source: Path, folder: Path) -> Path:
+    """The checkpoint ``source`` (the small zoo model) rewritten as another kind of file."""
+    from trainer.models import ModelSpec, build_model
+
+    weights, metadata = load_checkpoint(source)
+    model = build_model(ModelSpec.from_json(metadata["model"]))
+    model.load_state_dict(weights)
+    model.eval()
+    path = folder / {"pt": "epoch_1.pt", "torchscript": "epoch_1.pt", "pt2": "epoch_1.pt2",
+                     "onnx": "epoch_0001.onnx"}[kind]
+    if kind == "pt":  # as DataParallel saves it, nested as Lightning does
+        torch.save({"state_dict": {f"module.{k}": v for k, v in weights.items()}}, path)
+    elif kind == "torchscript":
+        torch.jit.save(torch.jit.script(model), path)
+    elif kind == "pt2":
+        torch.export.save(torch.export.export(model, (torch.zeros(2, 1, 8, 8),)), path)
+    else:
+        result = CliRunner().invoke(analyzer, ["export-onnx", "--ckpt-dir", str(source.parent),
+                                               "--out", str(folder), "--epochs", "1", "-q"])
+        assert result.exit_code == 0, result.output
+    return path
+
+
+@pytest.mark.parametrize("kind", ["pt", "torchscript", "pt2", "onnx"])
+def test_every_checkpoint_kind_gives_the_same_rows_as_the_safetensors_file(trained, tmp_path,
+                                                                          kind):
+    first = trained / "checkpoints" / "epoch_0001.safetensors"
+    last = trained / "checkpoints" / f"epoch_{EPOCHS:04d}.safetensors"
+    other = write_as(kind, first, tmp_path)
+    options = ["--model", "small", "--image-size", "8x8"] if kind == "pt" else []
+    expected = CliRunner().invoke(analyzer, ["filters", str(first), str(last), "--json"])
+    result = CliRunner().invoke(analyzer, ["filters", str(other), str(last), "--json",
+                                           *options])
+    assert result.exit_code == 0, result.output
+    rows, wanted = json.loads(result.output), json.loads(expected.output)
+    for row in rows:  # the same but for the file's name
+        row["reference" if row["reference"] == str(other) else "compared"] = str(first)
+    assert rows == wanted
