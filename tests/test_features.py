@@ -250,3 +250,76 @@ def test_report_shows_the_stored_features_and_leaves_the_section_out_without_the
     assert '<figure id="features_1"><img alt="Feature evolution' in section
     assert "layer features.5, train images, epochs 1" in section
     assert '<a href="#features">' in page
+
+
+FOREIGN_MODEL = '''
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class Net(nn.Module):
+    """Another trainer's network: functional ReLUs, a pool, global average pooling."""
+
+    def __init__(self, in_channels, num_classes):
+        super().__init__()
+        self.stem = nn.Conv2d(in_channels, 4, 3, padding=1)
+        self.block = nn.Conv2d(4, 6, 3)
+        self.head = nn.Linear(6, num_classes)
+
+    def forward(self, x):
+        x = F.max_pool2d(F.relu(self.stem(x)), 2)
+        x = F.relu(self.block(x))
+        return self.head(x.mean(dim=(2, 3)))
+'''
+
+
+def test_a_foreign_model_with_functional_relus_from_pt_files(tmp_path):
+    from tests.conftest import write_rgb_classes
+
+    data = write_rgb_classes(tmp_path / "data", ("a", "b"), 3)
+    (tmp_path / "foreign_net.py").write_text(FOREIGN_MODEL)
+    ckpts = tmp_path / "ckpts"
+    ckpts.mkdir()
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("foreign_net", tmp_path / "foreign_net.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    nets = []
+    for epoch in (1, 2):
+        torch.manual_seed(epoch)
+        nets.append(module.Net(3, 2).eval())
+        torch.save(nets[-1].state_dict(), ckpts / f"ckpt_{epoch}.pt")
+    results = tmp_path / "features.h5"
+    result = CliRunner().invoke(analyzer, [
+        "features", "--ckpt-dir", str(ckpts), "--model", f"{tmp_path / 'foreign_net.py'}:Net",
+        "--layer", "block", "--data", f"train={data}", "--image-size", "10x14",
+        "--input-channels", "3", "--results", str(results), "--device", "cpu", "-q"])
+    assert result.exit_code == 0, result.output
+    with h5py.File(results, "r") as handle:
+        group = handle["features/block"]
+        assert group["channel"][()].tolist() == list(range(6))
+        images = np.stack([group["input"][0, c] for c in range(6)])
+        for k, net in enumerate(nets):
+            # 'block' is the conv itself (the ReLU is functional, after it)
+            expected = loop_strongest(net, "block", _folder_images(data), list(range(6)))
+            assert [tuple(v) for v in zip(group["image"][k], group["position_row"][k],
+                                          group["position_col"][k], strict=True)] == \
+                [e[:3] for e in expected]
+        assert images.shape == (6, 3, 10, 14)
+        # receptive field worked out on paper: position y of 'block' sees pool rows y … y+2,
+        # stem rows 2y … 2y+5, input rows 2y−1 … 2y+6 (the stem pads by 1), clipped
+        for name, size in (("row", 10), ("col", 14)):
+            position = group[f"position_{name}"][()]
+            np.testing.assert_array_equal(group[f"patch_{name}_start"][()],
+                                          np.maximum(0, 2 * position - 1))
+            np.testing.assert_array_equal(group[f"patch_{name}_stop"][()],
+                                          np.minimum(size, 2 * position + 7))
+
+
+def _folder_images(folder: Path) -> np.ndarray:
+    from store.datasets import folder_images, read_folder_images
+
+    _, ids, _ = folder_images(folder)
+    return read_folder_images(folder, ids, 3, (10, 14))
