@@ -725,15 +725,21 @@ def analyzer_compare(run_files: tuple[Path, ...], series: tuple[str, ...],
               help="Draw the grid, channels x epochs, into this image file (.png, .pdf, .svg).")
 @click.option("--results", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Store /features in this file (created if missing) instead of the run file.")
+@click.option("--projection", type=click.Choice(["deconvnet", "guided"]), default="deconvnet",
+              show_default=True,
+              help="Into pixel space with Zeiler & Fergus's deconvnet, or guided "
+                   "backpropagation.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N.")
 @click.option("--batch-size", default=256, show_default=True, type=click.IntRange(1))
+@click.option("--json", "as_json", is_flag=True, help="Print JSON rows instead of a table.")
 @click.option("-q", "--quiet", is_flag=True, help="No table and no notes.")
 @_user_errors
 def analyzer_features(ckpt_dir: Path, epochs: str | None, channels: str | None, split: str,
                       run: Path | None, model: str | None, layer: str | None,
                       image_size: str | None, input_channels: int | None,
                       data: tuple[str, ...], out: Path | None, results: Path | None,
-                      device: str, batch_size: int, quiet: bool) -> None:
+                      projection: str, device: str, batch_size: int, as_json: bool,
+                      quiet: bool) -> None:
     """Feature evolution during training (seed 003 fig. 4), channels x epochs.
 
     For each channel of the layer and each epoch: the image of the split with the strongest
@@ -747,9 +753,12 @@ def analyzer_features(ckpt_dir: Path, epochs: str | None, channels: str | None, 
       analyzer features --ckpt-dir runs/m4/checkpoints --epochs 1,2,5,10,20,50,100,1000 \\
           --layer features.5 --channels 0:16 --out figs/features.png
     """
+    import json
+
     from analyzer.features import (
         FeatureOptions,
         compute_features,
+        feature_rows,
         features_figure,
         format_features,
     )
@@ -763,8 +772,11 @@ def analyzer_features(ckpt_dir: Path, epochs: str | None, channels: str | None, 
         ckpt_dir=ckpt_dir, epochs=epochs, layer=layer, channels=channels, split=split, run=run,
         model=model, data=parse_data_options(data),
         image_size=parse_image_size(image_size) if image_size else None,
-        input_channels=input_channels, device=device, batch_size=batch_size))
-    if not quiet:
+        input_channels=input_channels, device=device, batch_size=batch_size,
+        method=projection))
+    if as_json:
+        click.echo(json.dumps(feature_rows(evolution), indent=1))
+    elif not quiet:
         click.echo(format_features(evolution))
     target = results_target(run_file, results)
     if target is None:

@@ -2,7 +2,7 @@
 
 * :func:`update_strongest`: the strongest activation of each chosen channel over a stream of
   batches (image, position and value; the first on ties).
-* :func:`deconvnet_projection`: that activation projected into pixel space by a deconvnet.
+* :func:`project_to_pixels`: that activation projected into pixel space by a deconvnet.
   The deconvnet's three steps are the backward pass of the network with one change: unpooling
   with the forward pass's switches is max-pooling's own backward, filtering with the
   transposed (flipped) filters is a convolution's own backward, and *rectification* applies
@@ -11,6 +11,8 @@
   ``relu(grad)``, seeded with the activation's value (all other activations of the layer set
   to zero). ReLUs are intercepted wherever they are called (``nn.ReLU``, ``F.relu``,
   ``torch.relu``, ``Tensor.relu``), so this works for any network the analyzer loads.
+  Guided backpropagation (Springenberg et al.), which also keeps the forward mask, is the
+  option ``method="guided"``.
 * :func:`receptive_fields`: the input pixels a feature-map position sees, from the same
   network with every convolution's weights set to their mean (positive), batch norm off and
   max-pooling made average pooling, so no path cancels: the support of the gradient is the
@@ -130,6 +132,9 @@ def strongest_activations(model: nn.Module, module: nn.Module, layer: str, image
     return best
 
 
+PROJECTIONS = ("deconvnet", "guided")
+
+
 class _DeconvReLU(torch.autograd.Function):
     """ReLU forward; the deconvnet's rectification backward: ``relu(grad)``."""
 
@@ -142,42 +147,64 @@ class _DeconvReLU(torch.autograd.Function):
         return grad.clamp(min=0)
 
 
-class _DeconvMode(TorchFunctionMode):
-    """Every ReLU call, functional or module, becomes :class:`_DeconvReLU`; counts them."""
+class _GuidedReLU(torch.autograd.Function):
+    """ReLU forward; guided backpropagation's backward: ``relu(grad) · [input > 0]``."""
 
-    def __init__(self) -> None:
+    @staticmethod
+    def forward(ctx, inputs: Tensor) -> Tensor:
+        ctx.save_for_backward(inputs)
+        return inputs.clamp(min=0)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        (inputs,) = ctx.saved_tensors
+        return grad.clamp(min=0) * (inputs > 0)
+
+
+class _RectifyingMode(TorchFunctionMode):
+    """Every ReLU call, functional or module, gets the backward rule of ``method``; counts
+    them."""
+
+    def __init__(self, method: str) -> None:
         super().__init__()
+        if method not in PROJECTIONS:
+            raise InputError(f"projection must be one of {', '.join(PROJECTIONS)}, got "
+                             f"{method!r}")
+        self.rule = _DeconvReLU if method == "deconvnet" else _GuidedReLU
         self.rectifiers = 0
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         if getattr(func, "__name__", "") in _RELU_NAMES:
             self.rectifiers += 1
-            return _DeconvReLU.apply(args[0])
+            return self.rule.apply(args[0])
         return func(*args, **(kwargs or {}))
 
 
 @dataclass(frozen=True)
 class Projection:
-    """Deconvnet projections ``[K, C, H, W]`` and how many ReLU calls were rectified."""
+    """Projections ``[K, C, H, W]`` into pixel space and how many ReLU calls were rectified."""
 
     pixels: Tensor
     rectifiers: int
 
 
-def deconvnet_projection(model: nn.Module, module: nn.Module, layer: str, images: Tensor,
-                         channels: Tensor, rows: Tensor, cols: Tensor) -> Projection:
-    """Project one activation per image into pixel space with a deconvnet (seed 003 §2.1).
+def project_to_pixels(model: nn.Module, module: nn.Module, layer: str, images: Tensor,
+                      channels: Tensor, rows: Tensor, cols: Tensor,
+                      method: str = "deconvnet") -> Projection:
+    """Project one activation per image into pixel space (seed 003 §2.1).
 
     Row r projects activation ``A[r, channels[r], rows[r], cols[r]]`` of image ``images[r]``:
     the layer's map with every other activation set to zero is passed down through
-    unpooling (the forward switches), rectification (ReLU of the signal) and the transposed
-    filters, to the input. Rows are independent (eval mode), so one backward serves all.
+    unpooling (the forward switches), rectification and the transposed filters, to the
+    input. Rectification is the deconvnet's ``relu(signal)`` (``method="deconvnet"``, the
+    paper's), or guided backpropagation's ``relu(signal) · [forward input > 0]``
+    (``"guided"``). Rows are independent (eval mode), so one backward serves all.
 
     Returns:
-        ``[K, C, H, W]`` float32, the activation's value times the deconvnet's unit response.
+        ``[K, C, H, W]`` float32, the activation's value times the unit response.
     """
     pixels = images.detach().clone().requires_grad_(True)
-    mode = _DeconvMode()
+    mode = _RectifyingMode(method)
     with _eval_mode(model), _frozen_parameters(model), torch.enable_grad(), mode:
         activation = layer_output(model, module, layer, pixels)
     index = torch.arange(len(images), device=images.device)

@@ -3,9 +3,10 @@
 For each chosen channel of a layer, at each chosen epoch: the image of the split (training by
 default) whose activation in that channel is the strongest, the position of that activation
 and the patch of the image under its receptive field, and the activation projected into pixel
-space with a deconvnet (:mod:`analyzer.deconvnet`). Drawn as a grid, channels × epochs, each
-cell the patch beside its projection; stored in ``/features/<layer>``. A sudden change of a
-row's picture means another image became the strongest.
+space with a deconvnet (or guided backpropagation; :mod:`analyzer.deconvnet`). Drawn as a
+grid, channels × epochs, each cell the patch beside its projection; stored in
+``/features/<layer>``. A sudden change of a row's picture means another image became the
+strongest.
 """
 
 from __future__ import annotations
@@ -20,8 +21,8 @@ import torch
 from matplotlib.figure import Figure
 
 from analyzer.deconvnet import (
-    deconvnet_projection,
     layer_output,
+    project_to_pixels,
     receptive_fields,
     strongest_activations,
 )
@@ -35,7 +36,6 @@ from store.model_files import discover_checkpoints
 
 logger = logging.getLogger(__name__)
 
-METHOD = "deconvnet"
 MAX_CHANNELS = 64  # rows of the grid
 MAX_EPOCHS = 20  # its columns
 DEFAULT_CHANNELS = 16
@@ -57,6 +57,7 @@ class FeatureOptions:
     input_channels: int | None = None
     device: str = "auto"
     batch_size: int = 256
+    method: str = "deconvnet"
 
 
 def feature_epochs(available: Sequence[int]) -> list[int]:
@@ -137,8 +138,8 @@ def compute_features(options: FeatureOptions) -> tuple[FeatureEvolution, Path | 
                                                                        images[:1]))
         picked = torch.as_tensor(channels, device=device)
         best = strongest_activations(model, module, layer, images, picked, options.batch_size)
-        projection = deconvnet_projection(model, module, layer, images[best.image], picked,
-                                          best.row, best.col)
+        projection = project_to_pixels(model, module, layer, images[best.image], picked,
+                                       best.row, best.col, options.method)
         if projection.rectifiers == 0 and checkpoint is chosen[0]:
             logger.warning(f"no ReLU before layer {layer}: the projection is the plain gradient")
         cells["image"].append(best.image.cpu().numpy())
@@ -151,7 +152,7 @@ def compute_features(options: FeatureOptions) -> tuple[FeatureEvolution, Path | 
         hashes.append(loaded.sha256)
     image = np.stack(cells["image"])
     return FeatureEvolution(
-        layer=layer, split=split.name, method=METHOD,
+        layer=layer, split=split.name, method=options.method,
         epochs=np.asarray([c.epoch for c in chosen]), channels=np.asarray(channels),
         image=image, image_id=[[split.identity.ids[i] for i in row] for row in image],
         label=np.asarray(split.identity.labels)[image],
@@ -188,6 +189,18 @@ def format_features(result: FeatureEvolution) -> str:
                          f"{result.label[k, c]:>5}  {position:>9}  "
                          f"{result.activation[k, c]:>10.5g}")
     return "\n".join(lines)
+
+
+def feature_rows(result: FeatureEvolution) -> list[dict]:
+    """JSON rows, one per epoch and channel: ``epoch``, ``channel``, ``image`` (row in the
+    split), ``image_id``, ``label``, ``row``, ``col`` (in the feature map), ``activation``,
+    ``patch`` ([row start, row stop, column start, column stop] in the input)."""
+    return [{"epoch": int(epoch), "channel": int(channel), "image": int(result.image[k, c]),
+             "image_id": result.image_id[k][c], "label": int(result.label[k, c]),
+             "row": int(result.position_row[k, c]), "col": int(result.position_col[k, c]),
+             "activation": float(result.activation[k, c]),
+             "patch": [int(v) for v in result.patch[k, c]]}
+            for k, epoch in enumerate(result.epochs) for c, channel in enumerate(result.channels)]
 
 
 def features_figure(result: FeatureEvolution, class_names: Sequence[str] | None = None

@@ -3,6 +3,7 @@ checked against plain loops and a deconvnet written out layer by layer."""
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -15,7 +16,7 @@ import xarray as xr
 from click.testing import CliRunner
 from torch import nn
 
-from analyzer.deconvnet import deconvnet_projection, receptive_fields
+from analyzer.deconvnet import project_to_pixels, receptive_fields
 from analyzer.features import FeatureOptions, compute_features, feature_epochs, parse_channels
 from cli import analyzer
 from store.checkpoints import load_checkpoint
@@ -57,40 +58,53 @@ class TinyNet(nn.Module):
         return self.top(rectify2(self.conv2(x)))
 
 
-def manual_deconvnet(net: TinyNet, image: torch.Tensor, channel: int, row: int,
-                     col: int) -> torch.Tensor:
+def manual_projection(net: TinyNet, image: torch.Tensor, channel: int, row: int, col: int,
+                      guided: bool = False) -> torch.Tensor:
     """Zeiler & Fergus's deconvnet for TinyNet, step by step in float64: forward with the
-    pooling switches, then unpool, rectify and filter with the transposed kernels."""
+    pooling switches, then unpool, rectify and filter with the transposed kernels. ``guided``:
+    rectification also keeps only where the forward pass was positive (guided backprop)."""
     w1, b1 = net.conv1.weight.detach().double(), net.conv1.bias.detach().double()
     w2, b2 = net.conv2.weight.detach().double(), net.conv2.bias.detach().double()
     x = image.double()[None]
-    r1 = torch.relu(F.conv2d(x, w1, b1, padding=net.conv1.padding))
-    p1, switches = F.max_pool2d(r1, 2, return_indices=True)
-    r2 = torch.relu(F.conv2d(p1, w2, b2, padding=net.conv2.padding))
+    a1 = F.conv2d(x, w1, b1, padding=net.conv1.padding)
+    p1, switches = F.max_pool2d(torch.relu(a1), 2, return_indices=True)
+    a2 = F.conv2d(p1, w2, b2, padding=net.conv2.padding)
+    r2 = torch.relu(a2)
     signal = torch.zeros_like(r2)
     signal[0, channel, row, col] = r2[0, channel, row, col]
-    signal = torch.relu(signal)  # the layer's own rectification
+    signal = torch.relu(signal) * ((a2 > 0) if guided else 1)  # the layer's own rectification
     down = F.conv_transpose2d(signal, w2, padding=net.conv2.padding)
-    down = F.max_unpool2d(down, switches, 2, output_size=r1.shape[-2:])
-    down = torch.relu(down)
+    down = F.max_unpool2d(down, switches, 2, output_size=a1.shape[-2:])
+    down = torch.relu(down) * ((a1 > 0) if guided else 1)
     return F.conv_transpose2d(down, w1, padding=net.conv1.padding)[0]
 
 
+@pytest.mark.parametrize("method", ["deconvnet", "guided"])
 @pytest.mark.parametrize("functional", [False, True])
-def test_the_projection_equals_a_deconvnet_written_layer_by_layer(functional):
+def test_the_projection_equals_one_written_layer_by_layer(functional, method):
     torch.manual_seed(0)
     net = TinyNet(functional).eval()
     images = torch.rand(4, 1, 10, 10)
     channels, rows, cols = (torch.tensor(v) for v in ([0, 1, 2, 1], [0, 1, 0, 1], [1, 0, 0, 1]))
-    projection = deconvnet_projection(net, net.relu2 if not functional else net.top,
-                                      "relu2", images, channels, rows, cols)
+    projection = project_to_pixels(net, net.relu2 if not functional else net.top,
+                                   "relu2", images, channels, rows, cols, method)
     assert projection.rectifiers == 2  # one ReLU call per layer, for the whole batch
     for r in range(4):
-        expected = manual_deconvnet(net, images[r], int(channels[r]), int(rows[r]),
-                                    int(cols[r]))
-        assert expected.abs().max() > 0
+        expected = manual_projection(net, images[r], int(channels[r]), int(rows[r]),
+                                     int(cols[r]), guided=method == "guided")
         np.testing.assert_allclose(projection.pixels[r].numpy(), expected.numpy(),
                                    rtol=1e-5, atol=1e-6)
+    assert (projection.pixels.abs().flatten(1).amax(1) > 0).sum() >= 2  # not all zero
+
+
+def test_deconvnet_and_guided_differ_where_the_forward_pass_was_negative():
+    torch.manual_seed(0)
+    net = TinyNet().eval()
+    images = torch.rand(2, 1, 10, 10)
+    where = (torch.tensor([0, 2]), torch.tensor([1, 0]), torch.tensor([0, 1]))
+    deconvnet = project_to_pixels(net, net.relu2, "relu2", images, *where).pixels
+    guided = project_to_pixels(net, net.relu2, "relu2", images, *where, "guided").pixels
+    assert not torch.allclose(deconvnet, guided)
 
 
 def test_the_projection_is_not_the_plain_gradient():
@@ -98,7 +112,7 @@ def test_the_projection_is_not_the_plain_gradient():
     net = TinyNet().eval()
     image = torch.rand(1, 1, 10, 10, requires_grad=True)
     channel, row, col = torch.tensor([1]), torch.tensor([1]), torch.tensor([1])
-    projection = deconvnet_projection(net, net.relu2, "relu2", image.detach(), channel, row,
+    projection = project_to_pixels(net, net.relu2, "relu2", image.detach(), channel, row,
                                       col).pixels
     out = F.relu(net.conv2(F.max_pool2d(F.relu(net.conv1(image)), 2)))
     (gradient,) = torch.autograd.grad(out[0, 1, 1, 1] * out[0, 1, 1, 1].detach(), image)
@@ -176,12 +190,18 @@ def test_features_command_stores_the_group_and_draws_the_grid(trained, tmp_path)
     out = tmp_path / "features.png"
     result = CliRunner().invoke(analyzer, [
         "features", "--ckpt-dir", str(run / "checkpoints"), "--channels", "0,3",
-        "--out", str(out), "--device", "cpu"])
+        "--out", str(out), "--device", "cpu", "--json"])
     assert result.exit_code == 0, result.output
-    assert f"stored in {run / 'run.h5'}:/features/features.5" in result.output
+    assert f"stored in {run / 'run.h5'}:/features/features.5" in result.stderr
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    rows = json.loads(result.stdout)
     with h5py.File(run / "run.h5", "r") as handle:
         group = handle["features/features.5"]
+        assert [(r["epoch"], r["channel"]) for r in rows] == [
+            (e, c) for e in (1, 2, 3) for c in (0, 3)]
+        assert [r["image"] for r in rows] == group["image"][()].ravel().tolist()
+        assert [r["activation"] for r in rows] == group["activation"][()].ravel().tolist()
+        assert [r["patch"][0] for r in rows] == group["patch_row_start"][()].ravel().tolist()
         assert group.attrs["method"] == "deconvnet" and group.attrs["split"] == "train"
         assert group["epoch"][()].tolist() == [1, 2, 3]  # the default: nearest 1, 2, and last
         assert group["projection"].shape == (3, 2, 1, 8, 8)
