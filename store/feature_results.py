@@ -127,7 +127,8 @@ def _write(group: h5py.Group, result: FeatureEvolution) -> None:
                   chunks=(1, 1, *data.shape[2:]), compression="gzip")
     for name, values in (("checkpoint_file", result.checkpoint_files),
                          ("checkpoint_sha256", result.checkpoint_sha256)):
-        _variable(group, name, np.asarray(values, dtype="S256"), ("epoch",),
+        _variable(group, name, np.asarray(values, dtype="S64" if "sha" in name else "S256"),
+                  ("epoch",),
                   "checkpoint file of the epoch" if name == "checkpoint_file"
                   else "SHA-256 of that file")
 

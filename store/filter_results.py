@@ -92,10 +92,11 @@ def write_filter_evolution(path: Path, result: FilterEvolution) -> None:
             dataset.dims[0].attach_scale(group["epoch"])
             dataset.dims[1].attach_scale(group["filter"])
             dataset.attrs["long_name"] = long_name
-        for name, values, long_name in (
-                ("checkpoint_file", result.checkpoint_files, "checkpoint file of the epoch"),
-                ("checkpoint_sha256", result.checkpoint_sha256, "SHA-256 of that file")):
-            dataset = group.create_dataset(name, data=np.asarray(values, dtype="S256"))
+        for name, values, dtype, long_name in (
+                ("checkpoint_file", result.checkpoint_files, "S256",
+                 "checkpoint file of the epoch"),
+                ("checkpoint_sha256", result.checkpoint_sha256, "S64", "SHA-256 of that file")):
+            dataset = group.create_dataset(name, data=np.asarray(values, dtype=dtype))
             dataset.dims[0].attach_scale(group["epoch"])
             dataset.attrs["long_name"] = long_name
 
