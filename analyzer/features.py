@@ -131,13 +131,19 @@ def compute_features(options: FeatureOptions) -> tuple[FeatureEvolution, Path | 
     hashes = []
     for checkpoint in chosen:
         loaded = analysis.kind.load(checkpoint)
-        model = analysis.kind.backend(loaded).model
+        backend = analysis.kind.backend(loaded)
+        model = backend.model
         module = find_layer(model, layer)
         if channels is None:
             channels = parse_channels(options.channels, _channel_count(model, module, layer,
                                                                        images[:1]))
         picked = torch.as_tensor(channels, device=device)
-        best = strongest_activations(model, module, layer, images, picked, options.batch_size)
+        # as the Reaction pass does on a CPU: activations under glibc's mmap threshold, and
+        # the zoo's channels-last layout (docs/BENCHMARKS.md)
+        batch = backend._sub_batch_size(images[:options.batch_size])
+        searched = images.contiguous(memory_format=torch.channels_last) \
+            if backend.channels_last else images
+        best = strongest_activations(model, module, layer, searched, picked, batch)
         projection = project_to_pixels(model, module, layer, images[best.image], picked,
                                        best.row, best.col, options.method)
         if projection.rectifiers == 0 and checkpoint is chosen[0]:

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 from matplotlib.figure import Figure
 
+from analyzer.features import feature_epochs
 from analyzer.figures import NamedFigure, RunData
 from analyzer.filter_weights import ConvFilters, NetworkOptions, network_for, read_filters
 from analyzer.filters import Dissimilarity, both_directions, check_same_kernels
@@ -172,12 +173,19 @@ def evolution_rows(result: FilterEvolution) -> list[dict]:
     return rows
 
 
-def format_evolution(result: FilterEvolution) -> str:
-    """Per epoch: the mean and largest S_i, each way, and how many filters have S_i = 0."""
-    lines = [f"layer {result.layer}, against epoch {result.against} ({result.against_file})",
+def format_evolution(result: FilterEvolution, most: int = 30) -> str:
+    """Per epoch: the mean and largest S_i, each way; beyond ``most`` epochs only those
+    nearest 1, 2, 5, 10, 20, 50, … and the last (``--json`` has all)."""
+    epochs = [int(e) for e in result.epochs]
+    shown = set(epochs) if len(epochs) <= most else set(feature_epochs(epochs))
+    lines = [f"layer {result.layer}, against epoch {result.against} ({result.against_file})"
+             + ("" if len(shown) == len(epochs) else
+                f"; {len(shown)} of {len(epochs)} epochs shown, --json for all"),
              f"{'epoch':>6}  {'mean S':>10}  {'max S':>10}  {'mean S against':>14}  "
              f"{'max S against':>13}"]
-    for k, epoch in enumerate(result.epochs):
+    for k, epoch in enumerate(epochs):
+        if epoch not in shown:
+            continue
         lines.append(f"{epoch:>6}  {result.dissimilarity[k].mean():>10.5g}  "
                      f"{result.dissimilarity[k].max():>10.5g}  "
                      f"{result.dissimilarity_against[k].mean():>14.5g}  "
