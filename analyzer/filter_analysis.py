@@ -42,9 +42,10 @@ class PairComparison:
 
 def compare_pair(a: Path, b: Path, layer: str | None = None,
                  network: NetworkOptions | None = None) -> PairComparison:
-    """S_i of A's filters against B's and of B's against A's (seed 004 eq. 1)."""
+    """S_i of A's filters against B's and of B's against A's (seed 004 eq. 1); without
+    ``layer``, each network's first conv layer (their names may differ)."""
     first = read_filters(a, layer, network_for(a, network))
-    second = read_filters(b, layer or first.layer, network_for(b, network))
+    second = read_filters(b, layer, network_for(b, network))
     check_same_kernels(first.weights.shape, second.weights.shape,
                        (f"{Path(a).name}'s {first.layer}", f"{Path(b).name}'s {second.layer}"))
     forward, backward = both_directions(first.weights, second.weights)
@@ -68,7 +69,9 @@ def pair_rows(comparison: PairComparison) -> list[dict]:
 def format_pair(comparison: PairComparison) -> str:
     """A plain-text table: filter, S and nearest j, both ways."""
     lines = [f"A = {comparison.a.path}", f"B = {comparison.b.path}",
-             f"layer {comparison.a.layer}: {len(comparison.a.weights)} filters of "
+             f"layer {comparison.a.layer}"
+             + ("" if comparison.b.layer == comparison.a.layer else
+                f" (in B: {comparison.b.layer})") + f": {len(comparison.a.weights)} filters of "
              f"{'×'.join(map(str, comparison.a.weights.shape[1:]))} in A, "
              f"{len(comparison.b.weights)} in B",
              f"{'filter':>6}  {'S (A against B)':>15}  {'nearest in B':>12}  "

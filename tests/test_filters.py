@@ -257,3 +257,18 @@ def test_every_checkpoint_kind_gives_the_same_rows_as_the_safetensors_file(train
     for row in rows:  # the same but for the file's name
         row["reference" if row["reference"] == str(other) else "compared"] = str(first)
     assert rows == wanted
+
+
+def test_without_layer_each_network_gives_its_own_first_conv_layer(trained, tmp_path):
+    from analyzer.filter_analysis import compare_pair, format_pair
+
+    last = trained / "checkpoints" / f"epoch_{EPOCHS:04d}.safetensors"
+    weights = load_checkpoint(last)[0]["features.0.weight"]
+    torch.save({"stem.weight": weights + 0.5, "stem.bias": torch.zeros(16)},
+               tmp_path / "other.pt")
+    comparison = compare_pair(last, tmp_path / "other.pt")
+    assert (comparison.a.layer, comparison.b.layer) == ("features.0", "stem")
+    np.testing.assert_allclose(comparison.a_against_b.dissimilarity, [1.5] * 16, rtol=1e-6)
+    assert comparison.a_against_b.nearest.tolist() == list(range(16))
+    assert "layer features.0 (in B: stem): 16 filters of 1×3×3 in A, 16 in B" in \
+        format_pair(comparison)
