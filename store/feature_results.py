@@ -21,15 +21,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from store.errors import InputError
-from store.h5io import (
-    STRING_DTYPE,
-    add_coordinate,
-    open_for_reading,
-    read_strings,
-    replace_atomically,
-)
-from store.series import WRITABLE_FORMATS
+from store.h5io import STRING_DTYPE, add_coordinate, open_for_reading, read_strings
+from store.result_target import replaced_group
 
 FEATURES_GROUP = "features"
 
@@ -88,16 +81,8 @@ _PIXELS = {
 
 def write_feature_evolution(path: Path, result: FeatureEvolution) -> None:
     """Store ``result`` as ``/features/<layer>`` of a run or results file (atomic)."""
-    path = Path(path)
-    with open_for_reading(path) as handle:
-        if handle.attrs.get("format") not in WRITABLE_FORMATS:
-            raise InputError(f"{path} is not a reaction run or results file: refusing to "
-                             "write /features")
-    with replace_atomically(path) as handle:
-        parent = handle.require_group(FEATURES_GROUP)
-        if result.layer in parent:
-            del parent[result.layer]
-        _write(parent.create_group(result.layer), result)
+    with replaced_group(path, FEATURES_GROUP, result.layer) as group:
+        _write(group, result)
 
 
 def _write(group: h5py.Group, result: FeatureEvolution) -> None:

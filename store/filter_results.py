@@ -20,9 +20,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from store.errors import InputError
-from store.h5io import add_coordinate, open_for_reading, replace_atomically
-from store.series import WRITABLE_FORMATS
+from store.h5io import add_coordinate, open_for_reading
+from store.result_target import replaced_group
 
 FILTERS_GROUP = "filters"
 
@@ -69,16 +68,7 @@ _VARIABLES = {  # name: (dtype, long_name)
 
 def write_filter_evolution(path: Path, result: FilterEvolution) -> None:
     """Store ``result`` as ``/filters/<layer>`` of a run or results file (atomic replacement)."""
-    path = Path(path)
-    with open_for_reading(path) as handle:
-        if handle.attrs.get("format") not in WRITABLE_FORMATS:
-            raise InputError(f"{path} is not a reaction run or results file: refusing to "
-                             "write /filters")
-    with replace_atomically(path) as handle:
-        parent = handle.require_group(FILTERS_GROUP)
-        if result.layer in parent:
-            del parent[result.layer]
-        group = parent.create_group(result.layer)
+    with replaced_group(path, FILTERS_GROUP, result.layer) as group:
         group.attrs.update({
             "long_name": "filter dissimilarity over the epochs (docs/METHOD.md §5)",
             "layer": result.layer, "against": int(result.against),

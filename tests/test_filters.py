@@ -273,3 +273,17 @@ def test_without_layer_each_network_gives_its_own_first_conv_layer(trained, tmp_
     assert comparison.a_against_b.nearest.tolist() == nearest
     assert "layer features.0 (in B: stem): 16 filters of 1×3×3 in A, 16 in B" in \
         format_pair(comparison)
+
+
+def test_results_into_a_foreign_hdf5_file_are_refused_and_it_stays_as_it_was(trained,
+                                                                            tmp_path):
+    foreign = tmp_path / "foreign.h5"
+    with h5py.File(foreign, "w") as handle:
+        handle["x"] = [1, 2, 3]
+    before = foreign.read_bytes()
+    result = CliRunner().invoke(analyzer, ["filters", "--ckpt-dir", str(trained / "checkpoints"),
+                                           "--against", "1", "--results", str(foreign)])
+    assert result.exit_code == 1
+    assert result.output.strip().splitlines()[-1] == (
+        f"Error: {foreign} is not a reaction run or results file: refusing to write it")
+    assert foreign.read_bytes() == before
