@@ -148,3 +148,12 @@ def _read(group: h5py.Group) -> FeatureEvolution:
         "checkpoint_sha256": read_strings(group["checkpoint_sha256"]),
         **{name: group[name][()] for name in (*_PER_CELL, *_PIXELS)}}
     return FeatureEvolution(**{f.name: values[f.name] for f in fields(FeatureEvolution)})
+
+
+def describe_features(handle: h5py.File) -> dict[str, dict]:
+    """What `analyzer info` says of each ``/features/<layer>``: epochs, channels, split,
+    method (attributes and coordinates only)."""
+    return {layer: {"epochs": group["epoch"][()].tolist(),
+                    "channels": group["channel"][()].tolist(),
+                    "split": str(group.attrs["split"]), "method": str(group.attrs["method"])}
+            for layer, group in handle.get(FEATURES_GROUP, {}).items()}

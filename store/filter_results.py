@@ -106,3 +106,12 @@ def _read(group: h5py.Group) -> FilterEvolution:
         checkpoint_files=[v.decode() for v in group["checkpoint_file"][()]],
         checkpoint_sha256=[v.decode() for v in group["checkpoint_sha256"][()]])
 
+
+
+def describe_filters(handle: h5py.File) -> dict[str, dict]:
+    """What `analyzer info` says of each ``/filters/<layer>``: epochs, filters, against."""
+    return {layer: {"epochs": int(group["epoch"].shape[0]),
+                    "first_epoch": int(group["epoch"][0]), "last_epoch": int(group["epoch"][-1]),
+                    "filters": int(group["filter"].shape[0]),
+                    "against": int(group.attrs["against"])}
+            for layer, group in handle.get(FILTERS_GROUP, {}).items()}

@@ -215,6 +215,9 @@ def test_features_command_stores_the_group_and_draws_the_grid(trained, tmp_path)
                 assert np.all(group["projection"][k, c, 0][outside] == 0)
     labelled = xr.open_dataset(run / "run.h5", engine="h5netcdf", group="features/features.5")
     assert labelled["projection"].dims == ("epoch", "channel", "colour", "row", "col")
+    info = CliRunner().invoke(analyzer, ["info", str(run / "run.h5")])
+    assert "features/features.5: 3 epochs (1, 2, 3), 2 channels, strongest over the train " \
+        "images, deconvnet projection" in info.stdout.splitlines()
 
 
 def test_bad_options_are_one_line(trained, tmp_path):

@@ -199,6 +199,13 @@ def test_the_evolution_goes_into_the_run_file_beside_the_checkpoints(trained, tm
     with h5py.File(run / "run.h5", "r") as handle:
         assert handle["filters/features.0/epoch"][()].tolist() == [1, 3]
         assert handle["filters/features.0"].attrs["against"] == 1
+    info = CliRunner().invoke(analyzer, ["info", str(run / "run.h5")])
+    assert "filters/features.0: 2 epochs 1–3, 16 filters, against epoch 1" in \
+        info.stdout.splitlines()
+    summary = json.loads(CliRunner().invoke(analyzer, ["info", str(run / "run.h5"),
+                                                       "--json"]).stdout)
+    assert summary["filters"] == {"features.0": {"epochs": 2, "first_epoch": 1,
+                                                 "last_epoch": 3, "filters": 16, "against": 1}}
 
 
 def test_report_shows_the_stored_filter_evolution(trained, tmp_path):
