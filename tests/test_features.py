@@ -213,9 +213,11 @@ def test_features_command_stores_the_group_and_draws_the_grid(trained, tmp_path)
                 outside = np.ones((8, 8), bool)
                 outside[top:stop, left:right] = False
                 assert np.all(group["projection"][k, c, 0][outside] == 0)
-    labelled = xr.open_dataset(run / "run.h5", engine="h5netcdf", group="features/features.5")
-    assert labelled["projection"].dims == ("epoch", "channel", "colour", "row", "col")
+    with xr.open_dataset(run / "run.h5", engine="h5netcdf",
+                         group="features/features.5") as labelled:
+        assert labelled["projection"].dims == ("epoch", "channel", "colour", "row", "col")
     info = CliRunner().invoke(analyzer, ["info", str(run / "run.h5")])
+    assert info.exit_code == 0, info.output
     assert "features/features.5: 3 epochs (1, 2, 3), 2 channels, strongest over the train " \
         "images, deconvnet projection" in info.stdout.splitlines()
 

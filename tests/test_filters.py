@@ -180,8 +180,8 @@ def test_every_epoch_against_the_last_is_stored_and_matches_a_loop(trained, tmp_
             np.testing.assert_allclose(group["dissimilarity_against"][k], values, rtol=1e-12)
             assert group["nearest_against"][k].tolist() == nearest
         assert group["dissimilarity"][-1].tolist() == [0.0] * 16
-    labelled = xr.open_dataset(results, engine="h5netcdf", group="filters/features.0")
-    assert labelled["dissimilarity"].dims == ("epoch", "filter")
+    with xr.open_dataset(results, engine="h5netcdf", group="filters/features.0") as labelled:
+        assert labelled["dissimilarity"].dims == ("epoch", "filter")
     assert out.stat().st_size > 0
 
 
