@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from matplotlib.figure import Figure
+from torch import nn
 
 from analyzer.deconvnet import (
     layer_output,
@@ -29,10 +30,10 @@ from analyzer.deconvnet import (
 from analyzer.figures import NamedFigure, RunData
 from analyzer.pass_setup import PassRequest, set_up_pass
 from analyzer.plan import parse_epochs
-from analyzer.torch_backend import _eval_mode, find_layer
+from analyzer.torch_backend import TorchBackend, _eval_mode, find_layer
 from store.errors import InputError
 from store.feature_results import FeatureEvolution, read_feature_evolutions
-from store.model_files import discover_checkpoints
+from store.model_files import CheckpointFile, discover_checkpoints
 
 logger = logging.getLogger(__name__)
 
@@ -102,6 +103,19 @@ def parse_channels(text: str | None, count: int) -> list[int]:
     return chosen
 
 
+@dataclass(frozen=True)
+class _Cells:
+    """One checkpoint's column: per chosen channel, what ``FeatureEvolution`` stores."""
+
+    image: np.ndarray
+    activation: np.ndarray
+    position_row: np.ndarray
+    position_col: np.ndarray
+    patch: np.ndarray
+    projection: np.ndarray
+    rectifiers: int  # ReLU calls the projection rectified
+
+
 def compute_features(options: FeatureOptions) -> tuple[FeatureEvolution, Path | None]:
     """Search, project and measure each chosen channel at each chosen epoch.
 
@@ -113,61 +127,66 @@ def compute_features(options: FeatureOptions) -> tuple[FeatureEvolution, Path | 
         ckpt_dir=options.ckpt_dir, run=options.run, model=options.model, layer=options.layer,
         data=options.data, image_size=options.image_size, channels=options.input_channels,
         splits=[options.split], device=options.device, backend="torch"))
-    available = [c.epoch for c in analysis.checkpoints]
-    wanted = parse_epochs(options.epochs, available) if options.epochs else \
-        feature_epochs(available)
-    chosen = [c for c in analysis.checkpoints if c.epoch in wanted]
-    if len(chosen) > MAX_EPOCHS:
-        raise InputError(f"--epochs {options.epochs} selects {len(chosen)} checkpoints: the grid "
-                         f"has at most {MAX_EPOCHS} columns (e.g. --epochs 1,2,5,10,20,50,100)")
+    chosen = _chosen_checkpoints(analysis.checkpoints, options.epochs)
     if not analysis.inputs.splits:
         raise InputError(f"the {options.split} split has no images")
     split, layer = analysis.inputs.splits[0], analysis.spec.layer
-    device = analysis.kind.setup.device
-    images = torch.as_tensor(split.images, device=device)
-    cells: dict[str, list] = {name: [] for name in (
-        "image", "activation", "position_row", "position_col", "patch", "projection")}
+    images = torch.as_tensor(split.images, device=analysis.kind.setup.device)
     channels: list[int] | None = None
-    hashes = []
+    columns, hashes = [], []
     for checkpoint in chosen:
         loaded = analysis.kind.load(checkpoint)
         backend = analysis.kind.backend(loaded)
-        model = backend.model
-        module = find_layer(model, layer)
+        module = find_layer(backend.model, layer)
         if channels is None:
-            channels = parse_channels(options.channels, _channel_count(model, module, layer,
-                                                                       images[:1]))
-        picked = torch.as_tensor(channels, device=device)
-        # as the Reaction pass does on a CPU: activations under glibc's mmap threshold, and
-        # the zoo's channels-last layout (docs/BENCHMARKS.md)
-        batch = backend._sub_batch_size(images[:options.batch_size])
-        searched = images.contiguous(memory_format=torch.channels_last) \
-            if backend.channels_last else images
-        best = strongest_activations(model, module, layer, searched, picked, batch)
-        projection = project_to_pixels(model, module, layer, images[best.image], picked,
-                                       best.row, best.col, options.method)
-        if projection.rectifiers == 0 and checkpoint is chosen[0]:
-            logger.warning(f"no ReLU before layer {layer}: the projection is the plain gradient")
-        cells["image"].append(best.image.cpu().numpy())
-        cells["activation"].append(best.value.cpu().numpy())
-        cells["position_row"].append(best.row.cpu().numpy())
-        cells["position_col"].append(best.col.cpu().numpy())
-        cells["patch"].append(receptive_fields(model, module, layer, tuple(images.shape[1:]),
-                                               picked, best.row, best.col).numpy())
-        cells["projection"].append(projection.pixels.cpu().numpy())
+            channels = parse_channels(options.channels, _channel_count(
+                backend.model, module, layer, images[:1]))
+        columns.append(_column(backend, module, layer, images, channels, options))
         hashes.append(loaded.sha256)
-    image = np.stack(cells["image"])
+    if columns[0].rectifiers == 0:
+        logger.warning(f"no ReLU before layer {layer}: the projection is the plain gradient")
+    image = np.stack([c.image for c in columns])
     return FeatureEvolution(
         layer=layer, split=split.name, method=options.method,
         epochs=np.asarray([c.epoch for c in chosen]), channels=np.asarray(channels),
         image=image, image_id=[[split.identity.ids[i] for i in row] for row in image],
         label=np.asarray(split.identity.labels)[image],
-        activation=np.stack(cells["activation"]),
-        position_row=np.stack(cells["position_row"]),
-        position_col=np.stack(cells["position_col"]), patch=np.stack(cells["patch"]),
-        projection=np.stack(cells["projection"]), input=split.images[image],
-        checkpoint_files=[c.path.name for c in chosen], checkpoint_sha256=hashes), \
-        analysis.run_file
+        **{name: np.stack([getattr(c, name) for c in columns]) for name in (
+            "activation", "position_row", "position_col", "patch", "projection")},
+        input=split.images[image], checkpoint_files=[c.path.name for c in chosen],
+        checkpoint_sha256=hashes), analysis.run_file
+
+
+def _chosen_checkpoints(checkpoints: list[CheckpointFile], epochs: str | None
+                        ) -> list[CheckpointFile]:
+    """The columns: ``--epochs``, or :func:`feature_epochs`; at most :data:`MAX_EPOCHS`."""
+    available = [c.epoch for c in checkpoints]
+    wanted = parse_epochs(epochs, available) if epochs else feature_epochs(available)
+    chosen = [c for c in checkpoints if c.epoch in wanted]
+    if len(chosen) > MAX_EPOCHS:
+        raise InputError(f"--epochs {epochs} selects {len(chosen)} checkpoints: the grid "
+                         f"has at most {MAX_EPOCHS} columns (e.g. --epochs 1,2,5,10,20,50,100)")
+    return chosen
+
+
+def _column(backend: TorchBackend, module: nn.Module, layer: str, images: torch.Tensor,
+            channels: list[int], options: FeatureOptions) -> _Cells:
+    """Strongest activation, projection and receptive field of each channel, one checkpoint."""
+    model = backend.model
+    picked = torch.as_tensor(channels, device=images.device)
+    # as the Reaction pass does on a CPU: activations under glibc's mmap threshold, and the
+    # zoo's channels-last layout (docs/BENCHMARKS.md)
+    batch = backend._sub_batch_size(images[:options.batch_size])
+    searched = images.contiguous(memory_format=torch.channels_last) \
+        if backend.channels_last else images
+    best = strongest_activations(model, module, layer, searched, picked, batch)
+    projection = project_to_pixels(model, module, layer, images[best.image], picked, best.row,
+                                   best.col, options.method)
+    patch = receptive_fields(model, module, layer, tuple(images.shape[1:]), picked, best.row,
+                             best.col)
+    return _Cells(best.image.cpu().numpy(), best.value.cpu().numpy(), best.row.cpu().numpy(),
+                  best.col.cpu().numpy(), patch.numpy(), projection.pixels.cpu().numpy(),
+                  projection.rectifiers)
 
 
 def _refuse_onnx_only(folder: Path) -> None:

@@ -119,6 +119,18 @@ def test_the_projection_is_not_the_plain_gradient():
     assert not torch.allclose(projection, gradient)  # negative signals pass the gradient
 
 
+def test_without_relus_the_projection_is_the_gradient_times_the_activation():
+    torch.manual_seed(4)
+    net = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Conv2d(2, 2, 3)).eval()
+    image = torch.rand(1, 1, 7, 7, requires_grad=True)
+    projection = project_to_pixels(net, net[1], "1", image.detach(), torch.tensor([1]),
+                                   torch.tensor([2]), torch.tensor([0]))
+    assert projection.rectifiers == 0
+    value = net(image)[0, 1, 2, 0]
+    (gradient,) = torch.autograd.grad(value, image)
+    torch.testing.assert_close(projection.pixels, gradient * value.detach())
+
+
 def test_receptive_fields_worked_out_on_paper():
     net = TinyNet().eval()
     # 10×10 → conv 8×8 → pool 4×4 → conv 2×2; position y of the top sees pool rows y…y+2,
