@@ -14,9 +14,9 @@
   Guided backpropagation (Springenberg et al.), which also keeps the forward mask, is the
   option ``method="guided"``.
 * :func:`receptive_fields`: the input pixels a feature-map position sees, from the same
-  network with every convolution's weights set to their mean (positive), batch norm off and
-  max-pooling made average pooling, so no path cancels: the support of the gradient is the
-  receptive field (clipped at the image border).
+  network with every convolution's weights set to their mean (positive), batch norm and ReLUs
+  off and max-pooling made average pooling, so no path cancels: the support of the gradient
+  is the receptive field (clipped at the image border).
 """
 
 from __future__ import annotations
@@ -217,8 +217,8 @@ def project_to_pixels(model: nn.Module, module: nn.Module, layer: str, images: T
 
 
 class _ReceptiveFieldMode(TorchFunctionMode):
-    """Convolutions with positive mean weights and no bias, batch norm off, max-pool as
-    average pool: every path from a position to the input is positive."""
+    """Convolutions with positive mean weights and no bias, batch norm and ReLUs off,
+    max-pool as average pool: every path from a position to the input is positive."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = dict(kwargs or {})
@@ -228,7 +228,7 @@ class _ReceptiveFieldMode(TorchFunctionMode):
             kwargs.pop("bias", None)
             ones = torch.full_like(weight, 1.0 / weight[0].numel())
             return F.conv2d(inputs, ones, None, *rest[1:], **kwargs)
-        if name == "batch_norm":
+        if name == "batch_norm" or name in _RELU_NAMES:  # a ReLU could cut a path off
             return args[0]
         if name in ("max_pool2d", "_max_pool2d"):
             return _average_instead(func, args, kwargs)
