@@ -10,7 +10,8 @@
   projection is the gradient of the chosen activation with every ReLU's backward replaced by
   ``relu(grad)``, seeded with the activation's value (all other activations of the layer set
   to zero). ReLUs are intercepted wherever they are called (``nn.ReLU``, ``F.relu``,
-  ``torch.relu``, ``Tensor.relu``), so this works for any network the analyzer loads.
+  ``torch.relu``, ``Tensor.relu``, ``aten.relu`` in a ``torch.export`` program), so this
+  works for any network the analyzer loads.
   Guided backpropagation (Springenberg et al.), which also keeps the forward mask, is the
   option ``method="guided"``.
 * :func:`receptive_fields`: the input pixels a feature-map position sees, from the same
@@ -32,6 +33,12 @@ from analyzer.torch_backend import _eval_mode, _frozen_parameters
 from store.errors import InputError
 
 _RELU_NAMES = {"relu", "relu_"}
+
+
+def _op_name(func) -> str:
+    """``relu`` for ``F.relu``, ``torch.relu``, ``Tensor.relu`` and ``aten.relu.default``
+    (what the graph of a ``torch.export`` program calls)."""
+    return getattr(func, "__name__", "").split(".")[0]
 
 
 @dataclass(frozen=True)
@@ -174,7 +181,7 @@ class _RectifyingMode(TorchFunctionMode):
         self.rectifiers = 0
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        if getattr(func, "__name__", "") in _RELU_NAMES:
+        if _op_name(func) in _RELU_NAMES:
             self.rectifiers += 1
             return self.rule.apply(args[0])
         return func(*args, **(kwargs or {}))
@@ -222,7 +229,7 @@ class _ReceptiveFieldMode(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = dict(kwargs or {})
-        name = getattr(func, "__name__", "")
+        name = _op_name(func)
         if name == "conv2d":
             inputs, weight, *rest = args
             kwargs.pop("bias", None)
@@ -243,9 +250,9 @@ def _average_instead(func, args: tuple, kwargs: dict) -> Tensor:
     bound = {**dict(zip(names, args, strict=False)), **kwargs}
     if bound.get("return_indices") or bound.get("dilation", 1) not in (1, (1, 1), [1, 1]):
         return func(*args, **kwargs)
-    return F.avg_pool2d(bound["input"], bound["kernel_size"], bound.get("stride"),
+    return F.avg_pool2d(bound["input"], bound["kernel_size"], bound.get("stride") or None,
                         bound.get("padding", 0), bound.get("ceil_mode", False),
-                        count_include_pad=True)
+                        count_include_pad=True)  # aten's stride [] means the kernel size
 
 
 def receptive_fields(model: nn.Module, module: nn.Module, layer: str,

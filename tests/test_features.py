@@ -360,3 +360,24 @@ def _folder_images(folder: Path) -> np.ndarray:
 
     _, ids, _ = folder_images(folder)
     return read_folder_images(folder, ids, 3, (10, 14))
+
+
+def test_a_torch_export_program_gives_what_its_safetensors_checkpoint_gives(trained, tmp_path):
+    run = tmp_path / "demo"
+    shutil.copytree(trained, run, ignore=shutil.ignore_patterns("checkpoints"))
+    (run / "programs").mkdir()
+    weights, metadata = load_checkpoint(trained / "checkpoints" / "epoch_0003.safetensors")
+    model = build_model(ModelSpec.from_json(metadata["model"]))
+    model.load_state_dict(weights)
+    program = torch.export.export(model.eval(), (torch.zeros(2, 1, 8, 8),),
+                                  dynamic_shapes=({0: torch.export.Dim("batch")},))
+    torch.export.save(program, run / "programs" / "epoch_0003.pt2")
+    options = {"epochs": "3", "channels": "0:32:7", "device": "cpu", "batch_size": 200}
+    exported, _ = compute_features(FeatureOptions(ckpt_dir=run / "programs", **options))
+    reference, _ = compute_features(FeatureOptions(ckpt_dir=trained / "checkpoints",
+                                                   **options))
+    for name in ("image", "position_row", "position_col", "patch"):
+        np.testing.assert_array_equal(getattr(exported, name), getattr(reference, name))
+    np.testing.assert_allclose(exported.activation, reference.activation, rtol=1e-5)
+    np.testing.assert_allclose(exported.projection, reference.projection, rtol=1e-4,
+                               atol=1e-6)
