@@ -89,32 +89,39 @@ def format_pair(comparison: PairComparison) -> str:
 def pair_figure(comparison: PairComparison) -> Figure:
     """E_ij as a heat map (each row's nearest j marked), and S of A against B and of B
     against A as one-row heat maps (seed 004 figs. 4–5)."""
-    a, b = comparison.a.path.name, comparison.b.path.name
     forward, backward = comparison.a_against_b, comparison.b_against_a
     count = len(forward.nearest)
-    figure = Figure(figsize=(max(6.0, 0.35 * count + 3.0), max(6.0, 0.3 * count + 4.0)),
+    figure = Figure(figsize=(max(6.0, 0.35 * count + 3.0), max(6.0, 0.3 * count + 4.5)),
                     layout="constrained")
     top, middle, bottom = figure.subplots(3, 1, height_ratios=[max(count, 4), 1.2, 1.2])
     image = top.imshow(forward.distances, cmap="viridis", aspect="auto")
     top.plot(forward.nearest, np.arange(count), "w.", markersize=6, label="nearest j of row i")
-    top.set_xlabel(f"filter j of {b}")
-    top.set_ylabel(f"filter i of {a}")
-    top.set_title(f"E_ij = ||F_i - G_j||_2, layer {comparison.a.layer}", fontsize=10)
+    top.set_xlabel(f"filter j of B ({comparison.b.layer})")
+    top.set_ylabel(f"filter i of A ({comparison.a.layer})")
+    top.set_title("E_ij = ||F_i - G_j||_2", fontsize=10)
     top.legend(loc="upper right", fontsize=7)
     figure.colorbar(image, ax=top, label="E_ij")
     top_value = float(max(forward.dissimilarity.max(), backward.dissimilarity.max()))
-    for axes, result, reference, compared in ((middle, forward, a, b), (bottom, backward, b, a)):
+    for axes, result, title in ((middle, forward, "S_i: A's filter i against B's filters"),
+                                (bottom, backward, "S_j: B's filter j against A's filters")):
         strip = axes.imshow(result.dissimilarity[None, :], cmap="magma_r", aspect="auto",
                             vmin=0.0, vmax=top_value or 1.0)
         axes.set_yticks([])
-        axes.set_title(f"S_i: {reference} as reference against {compared}", fontsize=9)
-        if count <= _ANNOTATE_UP_TO:
+        axes.set_title(title, fontsize=9)
+        if len(result.dissimilarity) <= _ANNOTATE_UP_TO:
             for i, value in enumerate(result.dissimilarity):
                 axes.text(i, 0, f"{value:.2g}", ha="center", va="center", fontsize=6,
-                          color="white" if value > 0.6 * top_value else "black")
-        figure.colorbar(strip, ax=axes, label="S_i")
-    bottom.set_xlabel("filter i of the reference")
+                          color="white" if value > 0.5 * top_value else "black")
+        figure.colorbar(strip, ax=axes, label="S")
+    bottom.set_xlabel("filter of the reference")
+    figure.suptitle(f"Filter dissimilarity (seed 004 eq. 1)\nA = {_label(comparison.a.path)}"
+                    f"\nB = {_label(comparison.b.path)}", fontsize=9)
     return figure
+
+
+def _label(path: Path) -> str:
+    """The last three parts of a path: enough to tell two runs' checkpoints apart."""
+    return "/".join(Path(path).parts[-3:])
 
 
 def filter_evolution(ckpt_dir: Path, against: int, epochs: str | None = None,
