@@ -17,6 +17,7 @@ from tqdm import tqdm
 from store.errors import InputError, first_line
 
 if TYPE_CHECKING:
+    from store.filter_results import FilterEvolution
     from trainer.train import CheckpointWriter, TrainConfig
 
 _NOTE_PACKAGES = ("store", "trainer", "analyzer")
@@ -768,17 +769,18 @@ def analyzer_features(ckpt_dir: Path, epochs: str | None, channels: str | None, 
     from store.result_target import results_target
 
     _configure_notes(quiet)
-    evolution, run_file = compute_features(FeatureOptions(
+    computed = compute_features(FeatureOptions(
         ckpt_dir=ckpt_dir, epochs=epochs, layer=layer, channels=channels, split=split, run=run,
         model=model, data=parse_data_options(data),
         image_size=parse_image_size(image_size) if image_size else None,
         input_channels=input_channels, device=device, batch_size=batch_size,
         method=projection))
+    evolution = computed.evolution
     if as_json:
         click.echo(json.dumps(feature_rows(evolution), indent=1))
     elif not quiet:
         click.echo(format_features(evolution))
-    target = results_target(run_file, results)
+    target = results_target(computed.run_file, results, computed.class_names)
     if target is None:
         click.echo("note: not stored (no run file beside the checkpoints): give --results "
                    "FILE.h5 to keep /features", err=True)
@@ -786,13 +788,7 @@ def analyzer_features(ckpt_dir: Path, epochs: str | None, channels: str | None, 
         write_feature_evolution(target, evolution)
         click.echo(f"stored in {target}:/features/{evolution.layer}", err=True)
     if out is not None:
-        _save_figure(features_figure(evolution, _class_names(run_file)), out)
-
-
-def _class_names(run_file: Path | None) -> list[str] | None:
-    from store.runfile import read_run_info
-
-    return read_run_info(run_file).class_names if run_file is not None else None
+        _save_figure(features_figure(evolution, computed.class_names), out)
 
 
 # --- analyzer filters (seed 004) -----------------------------------------------------------
@@ -858,12 +854,16 @@ def analyzer_filters(checkpoints: tuple[Path, ...], ckpt_dir: Path | None, again
         _save_figure(figure, out)
 
 
-def _store_filters(evolution, ckpt_dir: Path, run: Path | None, results: Path | None) -> None:
+def _store_filters(evolution: FilterEvolution, ckpt_dir: Path, run: Path | None,
+                   results: Path | None) -> None:
     from analyzer.inputs import find_run_file
     from store.filter_results import write_filter_evolution
     from store.result_target import results_target
+    from store.runfile import read_run_info
 
-    target = results_target(find_run_file(ckpt_dir, run), results)
+    run_file = find_run_file(ckpt_dir, run)
+    classes = read_run_info(run_file).class_names if run_file is not None else []
+    target = results_target(run_file, results, classes)
     if target is None:
         click.echo("note: not stored (no run file beside the checkpoints): give --results "
                    "FILE.h5 to keep /filters", err=True)

@@ -116,12 +116,23 @@ class _Cells:
     rectifiers: int  # ReLU calls the projection rectified
 
 
-def compute_features(options: FeatureOptions) -> tuple[FeatureEvolution, Path | None]:
-    """Search, project and measure each chosen channel at each chosen epoch.
+@dataclass(frozen=True)
+class FeatureRun:
+    """What `analyzer features` computed, and where it came from.
 
-    Returns:
-        The evolution and the run file beside the checkpoints (None when there is none).
+    Attributes:
+        evolution: the results, as stored in ``/features/<layer>``.
+        run_file: the run file beside the checkpoints (or ``--run``); None when there is none.
+        class_names: class index ``i`` is ``class_names[i]``.
     """
+
+    evolution: FeatureEvolution
+    run_file: Path | None
+    class_names: list[str]
+
+
+def compute_features(options: FeatureOptions) -> FeatureRun:
+    """Search, project and measure each chosen channel at each chosen epoch."""
     _refuse_onnx_only(options.ckpt_dir)
     analysis = set_up_pass(PassRequest(
         ckpt_dir=options.ckpt_dir, run=options.run, model=options.model, layer=options.layer,
@@ -146,7 +157,7 @@ def compute_features(options: FeatureOptions) -> tuple[FeatureEvolution, Path | 
     if columns[0].rectifiers == 0:
         logger.warning(f"no ReLU before layer {layer}: the projection is the plain gradient")
     image = np.stack([c.image for c in columns])
-    return FeatureEvolution(
+    evolution = FeatureEvolution(
         layer=layer, split=split.name, method=options.method,
         epochs=np.asarray([c.epoch for c in chosen]), channels=np.asarray(channels),
         image=image, image_id=[[split.identity.ids[i] for i in row] for row in image],
@@ -154,7 +165,8 @@ def compute_features(options: FeatureOptions) -> tuple[FeatureEvolution, Path | 
         **{name: np.stack([getattr(c, name) for c in columns]) for name in (
             "activation", "position_row", "position_col", "patch", "projection")},
         input=split.images[image], checkpoint_files=[c.path.name for c in chosen],
-        checkpoint_sha256=hashes), analysis.run_file
+        checkpoint_sha256=hashes)
+    return FeatureRun(evolution, analysis.run_file, analysis.inputs.class_names)
 
 
 def _chosen_checkpoints(checkpoints: list[CheckpointFile], epochs: str | None

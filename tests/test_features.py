@@ -169,9 +169,11 @@ def loop_strongest(model: nn.Module, layer: str, images: np.ndarray,
 
 
 def test_the_strongest_activation_over_the_training_images_matches_a_plain_loop(trained):
-    evolution, run_file = compute_features(FeatureOptions(
+    computed = compute_features(FeatureOptions(
         ckpt_dir=trained / "checkpoints", epochs=f"1,{EPOCHS}", channels="0:32:5",
         batch_size=100, device="cpu"))
+    evolution, run_file = computed.evolution, computed.run_file
+    assert computed.class_names == [str(c) for c in range(10)]
     assert run_file == trained / "run.h5"
     assert evolution.channels.tolist() == [0, 5, 10, 15, 20, 25, 30]
     info = read_run_info(run_file)
@@ -335,6 +337,8 @@ def test_a_foreign_model_with_functional_relus_from_pt_files(tmp_path):
         "--input-channels", "3", "--results", str(results), "--device", "cpu", "-q"])
     assert result.exit_code == 0, result.output
     with h5py.File(results, "r") as handle:
+        assert handle.attrs["format"] == "reaction-results"
+        assert json.loads(handle.attrs["classes"]) == ["a", "b"]
         group = handle["features/block"]
         assert group["channel"][()].tolist() == list(range(6))
         images = np.stack([group["input"][0, c] for c in range(6)])
@@ -373,9 +377,9 @@ def test_a_torch_export_program_gives_what_its_safetensors_checkpoint_gives(trai
                                   dynamic_shapes=({0: torch.export.Dim("batch")},))
     torch.export.save(program, run / "programs" / "epoch_0003.pt2")
     options = {"epochs": "3", "channels": "0:32:7", "device": "cpu", "batch_size": 200}
-    exported, _ = compute_features(FeatureOptions(ckpt_dir=run / "programs", **options))
-    reference, _ = compute_features(FeatureOptions(ckpt_dir=trained / "checkpoints",
-                                                   **options))
+    exported = compute_features(FeatureOptions(ckpt_dir=run / "programs", **options)).evolution
+    reference = compute_features(FeatureOptions(ckpt_dir=trained / "checkpoints",
+                                                **options)).evolution
     for name in ("image", "position_row", "position_col", "patch"):
         np.testing.assert_array_equal(getattr(exported, name), getattr(reference, name))
     np.testing.assert_allclose(exported.activation, reference.activation, rtol=1e-5)
