@@ -23,19 +23,14 @@ from store.checkpoints import load_checkpoint
 from store.datasets import open_source
 from store.errors import InputError
 from store.runfile import read_run_info
-from tests.conftest import run_cli
+from tests.test_filters import EPOCHS, trained_run
 from trainer.models import ModelSpec, build_model
-
-EPOCHS = 3
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> Path:
-    """A 3-epoch run of the default model on the embedded digits."""
-    out = tmp_path_factory.mktemp("features") / "demo"
-    result = run_cli("trainer", "run", "--out", str(out), "--epochs", str(EPOCHS), "-q")
-    assert result.returncode == 0, result.stderr
-    return out
+    """A 3-epoch run of the default model on the embedded digits (shared, read only)."""
+    return trained_run(tmp_path_factory)
 
 
 class TinyNet(nn.Module):

@@ -19,16 +19,23 @@ from store.checkpoints import load_checkpoint
 from store.errors import InputError
 from tests.conftest import run_cli
 
-EPOCHS = 4
+EPOCHS = 3
+
+
+def trained_run(tmp_path_factory) -> Path:
+    """A 3-epoch run of the default model on the embedded digits, trained once per session
+    for this module and tests/test_features.py (which copy it before they change it)."""
+    out = tmp_path_factory.getbasetemp() / "filters_and_features" / "demo"
+    if not (out / "checkpoints" / f"epoch_{EPOCHS:04d}.safetensors").exists():
+        result = run_cli("trainer", "run", "--out", str(out), "--epochs", str(EPOCHS), "-q",
+                         "--force")
+        assert result.returncode == 0, result.stderr
+    return out
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> Path:
-    """A 4-epoch run of the default model on the embedded digits."""
-    out = tmp_path_factory.mktemp("filters") / "demo"
-    result = run_cli("trainer", "run", "--out", str(out), "--epochs", str(EPOCHS), "-q")
-    assert result.returncode == 0, result.stderr
-    return out
+    return trained_run(tmp_path_factory)
 
 
 def kernels(*grids: list[list[float]]) -> np.ndarray:
