@@ -9,11 +9,15 @@ import shlex
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 from tqdm import tqdm
 
 from store.errors import InputError, first_line
+
+if TYPE_CHECKING:
+    from store.filter_results import FilterEvolution
 
 _NOTE_PACKAGES = ("store", "trainer", "analyzer")
 
@@ -193,8 +197,13 @@ def analyzer() -> None:
 
 
 def _model_options(layer_help: str = "Grad-CAM layer (qualified module name). "
-                                     "Default: the model's own.") -> Callable:
-    """The options that say which network the checkpoints hold (reaction, export-onnx, cam)."""
+                                     "Default: the model's own.",
+                   channels_flag: str = "--channels") -> Callable:
+    """The options that say which network the checkpoints hold (reaction, export-onnx, cam).
+
+    ``channels_flag`` names the input-channels option where ``--channels`` means another
+    thing (``features``: the layer's channels).
+    """
     options = [
         click.option("--run", type=click.Path(dir_okay=False, path_type=Path), default=None,
                      help="The run file. Default: run.h5 in the checkpoint folder's parent."),
@@ -203,7 +212,7 @@ def _model_options(layer_help: str = "Grad-CAM layer (qualified module name). "
                           "an nn.Module. Default: the run file's model."),
         click.option("--layer", default=None, help=layer_help),
         click.option("--image-size", default=None, metavar="HxW", help="Model input size."),
-        click.option("--channels", default=None, type=click.IntRange(1, 3), help="1 or 3."),
+        click.option(channels_flag, default=None, type=click.IntRange(1, 3), help="1 or 3."),
     ]
 
     def apply(command: Callable) -> Callable:
@@ -688,6 +697,184 @@ def analyzer_compare(run_files: tuple[Path, ...], series: tuple[str, ...],
     if out is not None:
         compare.write_figure(compare.sweep_figure(rows), out)
         click.echo(f"wrote {out}", err=True)
+
+
+# --- analyzer features (seed 003) ----------------------------------------------------------
+
+
+@analyzer.command("features")
+@click.option("--ckpt-dir", type=click.Path(path_type=Path), required=True,
+              help="Folder of checkpoints, one file per epoch.")
+@click.option("--epochs", default=None, metavar="SEL",
+              help="Columns: epochs with a checkpoint (1,2,5,10,20,50 or 1:100:10). "
+                   "Default: those nearest 1, 2, 5, 10, 20, 50, 100, ... and the last.")
+@click.option("--channels", default=None, metavar="SEL",
+              help="Rows: channels of the layer, START:STOP (half-open, 0:16) or 0,3,7. "
+                   "Default: the first 16.")
+@click.option("--split", default="train", show_default=True,
+              help="Images searched for the strongest activation.")
+@_model_options(layer_help="Layer whose feature maps are shown (qualified module name). "
+                           "Default: the Grad-CAM layer.", channels_flag="--input-channels")
+@click.option("--data", "data", multiple=True, metavar="SPLIT=FOLDER",
+              help="Images of a split, one sub-folder per class. Default: the run's splits.")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Draw the grid, channels x epochs, into this image file (.png, .pdf, .svg).")
+@click.option("--results", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Store /features in this file (created if missing) instead of the run file.")
+@click.option("--projection", type=click.Choice(["deconvnet", "guided"]), default="deconvnet",
+              show_default=True,
+              help="Into pixel space with Zeiler & Fergus's deconvnet, or guided "
+                   "backpropagation.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N.")
+@click.option("--batch-size", default=256, show_default=True, type=click.IntRange(1))
+@click.option("--json", "as_json", is_flag=True, help="Print JSON rows instead of a table.")
+@click.option("-q", "--quiet", is_flag=True, help="No table and no notes.")
+@_user_errors
+def analyzer_features(ckpt_dir: Path, epochs: str | None, channels: str | None, split: str,
+                      run: Path | None, model: str | None, layer: str | None,
+                      image_size: str | None, input_channels: int | None,
+                      data: tuple[str, ...], out: Path | None, results: Path | None,
+                      projection: str, device: str, batch_size: int, as_json: bool,
+                      quiet: bool) -> None:
+    """Feature evolution during training (seed 003 fig. 4), channels x epochs.
+
+    For each channel of the layer and each epoch: the image of the split with the strongest
+    activation, the patch under its receptive field, and the activation projected into pixel
+    space with a deconvnet (docs/METHOD.md §5). Stored in /features/<layer> of the run file
+    (or --results).
+
+    \b
+    Examples:
+      analyzer features --ckpt-dir runs/demo/checkpoints --out figs/features.png
+      analyzer features --ckpt-dir runs/m4/checkpoints --epochs 1,2,5,10,20,50,100,1000 \\
+          --layer features.5 --channels 0:16 --out figs/features.png
+    """
+    import json
+
+    from analyzer.features import (
+        FeatureOptions,
+        compute_features,
+        feature_rows,
+        features_figure,
+        format_features,
+    )
+    from analyzer.inputs import parse_data_options
+    from store.datasets import parse_image_size
+    from store.feature_results import write_feature_evolution
+    from store.result_target import results_target
+
+    _configure_notes(quiet)
+    computed = compute_features(FeatureOptions(
+        ckpt_dir=ckpt_dir, epochs=epochs, layer=layer, channels=channels, split=split, run=run,
+        model=model, data=parse_data_options(data),
+        image_size=parse_image_size(image_size) if image_size else None,
+        input_channels=input_channels, device=device, batch_size=batch_size,
+        method=projection))
+    evolution = computed.evolution
+    if as_json:
+        click.echo(json.dumps(feature_rows(evolution), indent=1))
+    elif not quiet:
+        click.echo(format_features(evolution))
+    target = results_target(computed.run_file, results, computed.class_names)
+    if target is None:
+        click.echo("note: not stored (no run file beside the checkpoints): give --results "
+                   "FILE.h5 to keep /features", err=True)
+    else:
+        write_feature_evolution(target, evolution)
+        click.echo(f"stored in {target}:/features/{evolution.layer}", err=True)
+    if out is not None:
+        _save_figure(features_figure(evolution, computed.class_names), out)
+
+
+# --- analyzer filters (seed 004) -----------------------------------------------------------
+
+
+@analyzer.command("filters")
+@click.argument("checkpoints", nargs=-1, type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--ckpt-dir", type=click.Path(path_type=Path), default=None,
+              help="Folder of checkpoints: every epoch's filters against those of --against.")
+@click.option("--against", type=int, default=None, metavar="EPOCH",
+              help="With --ckpt-dir: the epoch whose filters every epoch is compared with.")
+@click.option("--epochs", default=None, metavar="SEL",
+              help="With --ckpt-dir: epochs to compare (1:1000:10, 1,10,100). Default: all.")
+@_model_options(layer_help="Conv layer whose filters are compared (qualified module name). "
+                           "Default: the first conv layer.")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Draw the heat maps into this image file (.png, .pdf or .svg).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON rows instead of a table.")
+@click.option("--results", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="With --ckpt-dir: store /filters in this file (created if missing) instead "
+                   "of the run file.")
+@_user_errors
+def analyzer_filters(checkpoints: tuple[Path, ...], ckpt_dir: Path | None, against: int | None,
+                     epochs: str | None, run: Path | None, model: str | None,
+                     layer: str | None, image_size: str | None, channels: int | None,
+                     out: Path | None, as_json: bool, results: Path | None) -> None:
+    """Filter dissimilarity (seed 004 eq. 1): S_i = min_j ||F_i - G_j||_2, both ways.
+
+    Two checkpoints A B: A's filters against B's and B's against A's. --ckpt-dir with
+    --against EPOCH: every epoch's filters against that epoch's, stored in /filters/<layer>
+    of the run file (or --results).
+
+    \b
+    Examples:
+      analyzer filters runs/a/checkpoints/epoch_1000.safetensors \\
+          runs/b/checkpoints/epoch_1000.safetensors --json
+      analyzer filters --ckpt-dir runs/m4/checkpoints --against 1000 --out figs/filters.png
+    """
+    from analyzer import filter_analysis
+    from analyzer.filter_weights import NetworkOptions
+    from store.datasets import parse_image_size
+
+    network = NetworkOptions(run=run, model=model, channels=channels,
+                             image_size=parse_image_size(image_size) if image_size else None)
+    if ckpt_dir is None:
+        if len(checkpoints) != 2 or against is not None or epochs or results:
+            raise InputError("give two checkpoint files A B, or --ckpt-dir DIR --against EPOCH "
+                             "(--epochs and --results apply to --ckpt-dir only)")
+        comparison = filter_analysis.compare_pair(*checkpoints, layer=layer, network=network)
+        figure = filter_analysis.pair_figure(comparison) if out else None
+        click.echo(filter_analysis.to_json(filter_analysis.pair_rows(comparison)) if as_json
+                   else filter_analysis.format_pair(comparison))
+    else:
+        if checkpoints or against is None:
+            raise InputError("--ckpt-dir compares every epoch with one: give --against EPOCH "
+                             "and no checkpoint files")
+        evolution = filter_analysis.filter_evolution(ckpt_dir, against, epochs, layer, network)
+        figure = filter_analysis.evolution_figure(evolution) if out else None
+        click.echo(filter_analysis.to_json(filter_analysis.evolution_rows(evolution)) if as_json
+                   else filter_analysis.format_evolution(evolution))
+        _store_filters(evolution, ckpt_dir, run, results)
+    if figure is not None:
+        _save_figure(figure, out)
+
+
+def _store_filters(evolution: FilterEvolution, ckpt_dir: Path, run: Path | None,
+                   results: Path | None) -> None:
+    from analyzer.inputs import find_run_file
+    from store.filter_results import write_filter_evolution
+    from store.result_target import results_target
+    from store.runfile import read_run_info
+
+    run_file = find_run_file(ckpt_dir, run)
+    classes = read_run_info(run_file).class_names if run_file is not None else []
+    target = results_target(run_file, results, classes)
+    if target is None:
+        click.echo("note: not stored (no run file beside the checkpoints): give --results "
+                   "FILE.h5 to keep /filters", err=True)
+        return
+    write_filter_evolution(target, evolution)
+    click.echo(f"stored in {target}:/filters/{evolution.layer}", err=True)
+
+
+def _save_figure(figure, out: Path) -> None:
+    """Write a figure; a path that cannot take it is one line."""
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        figure.savefig(out, dpi=100)
+    except (OSError, ValueError) as error:
+        raise InputError(f"cannot write {out}: {error}") from None
+    click.echo(f"wrote {out}", err=True)
 
 
 @analyzer.command("info")

@@ -110,11 +110,13 @@ def resolve_inputs(*, first_checkpoint: CheckpointFile, run_file: Path | None,
 def resolve_network(*, first_checkpoint: CheckpointFile, run_file: Path | None,
                     model: str | None, layer: str | None, data: dict[str, Path],
                     image_size: tuple[int, int] | None, channels: int | None,
-                    require_class_names: bool = True) -> NetworkInputs:
+                    require_class_names: bool = True,
+                    require_layer: bool = True) -> NetworkInputs:
     """Decide the network, its layer, classes and input shape (no images are read).
 
     Without ``require_class_names`` and with nothing that names the classes, the class count
-    is read off the first checkpoint's weights.
+    is read off the first checkpoint's weights. Without ``require_layer`` a model that names
+    no Grad-CAM layer gets ``layer == ""`` (for analyses that do not use it).
     """
     info = read_run_info(run_file) if run_file else None
     metadata = _checkpoint_metadata(first_checkpoint)
@@ -133,12 +135,12 @@ def resolve_network(*, first_checkpoint: CheckpointFile, run_file: Path | None,
                                                     image_size, num_classes)
     chosen_layer = layer or (gradcam_layer(zoo_name) if zoo_name else None) or (
         default_layer(network, model or "") if network is not None else None)
-    if not chosen_layer:
+    if not chosen_layer and require_layer:
         raise InputError("this model names no Grad-CAM layer: give --layer NAME "
                          "(the last convolution block's activation)")
     model_spec = ModelSpec(zoo_name, channels, image_size, num_classes).to_json() \
         if zoo_name else None
-    return NetworkInputs(network, chosen_layer, class_names, tuple(image_size), channels,
+    return NetworkInputs(network, chosen_layer or "", class_names, tuple(image_size), channels,
                          description, model_spec)
 
 

@@ -23,6 +23,8 @@ from pathlib import Path
 import numpy as np
 from matplotlib.figure import Figure
 
+from analyzer import features as feature_figures
+from analyzer import filter_analysis as filter_figures
 from analyzer.compare import COMPARE_SERIES, CompareRun, compare_rows, summarize
 from analyzer.extract import Extraction, best_accuracy, extract
 from analyzer.extract_file import uses_peak_rule
@@ -111,6 +113,8 @@ class ReportContent:
     figures: list[NamedFigure]
     extract_tables: list[Table] = field(default_factory=list)
     cam_figures: list[NamedFigure] = field(default_factory=list)
+    features_figures: list[NamedFigure] = field(default_factory=list)
+    filters_figures: list[NamedFigure] = field(default_factory=list)
 
 
 def write_report(options: ReportOptions, freshness: Freshness | None = None) -> Path:
@@ -122,6 +126,8 @@ def write_report(options: ReportOptions, freshness: Freshness | None = None) -> 
     content.extract_tables = extract_tables(runs)
     if options.cam:
         content.cam_figures = cam_figures(runs, options)
+    content.features_figures = feature_figures.report_figures(runs)
+    content.filters_figures = filter_figures.report_figures(runs)
     for named in [*content.figures, *content.cam_figures]:
         if named.figure is None:
             logger.warning(f"{named.caption}: skipped, {named.note}")
@@ -280,7 +286,7 @@ def render_html(content: ReportContent, freshness: Freshness | None = None) -> s
             "<code>analyzer report</code></p>"]
     if freshness is not None:
         body.append(f'<p class="freshness" id="freshness">{_e(freshness.text)}</p>')
-    body.append(_contents_list())
+    body.append(_contents_list(content))
     body.append('<h2 id="runs">Runs</h2>')
     body += [_run_section(run) for run in content.runs]
     body.append('<h2 id="curves">Curves and scatter plots (thesis figs. 5.1–5.3, 5.9)</h2>')
@@ -294,6 +300,7 @@ def render_html(content: ReportContent, freshness: Freshness | None = None) -> s
     body.append('<h2 id="cam">Grad-CAM heat maps</h2>')
     body += [_figure_html(named) for named in content.cam_figures] or \
         ['<p class="note">heat maps not drawn (no checkpoints at hand, or --no-cam)</p>']
+    body += _stored_sections(content)
     refresh = "" if freshness is None or freshness.refresh is None else \
         f'<meta http-equiv="refresh" content="{int(freshness.refresh)}">\n'
     return ('<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
@@ -302,13 +309,29 @@ def render_html(content: ReportContent, freshness: Freshness | None = None) -> s
             "</head>\n<body>\n" + "\n".join(body) + "\n</body>\n</html>\n")
 
 
+def _stored_sections(content: ReportContent) -> list[str]:
+    """The sections of `analyzer features` and `analyzer filters` results in the run files
+    (only when some file holds them)."""
+    body = []
+    if content.features_figures:
+        body.append('<h2 id="features">Feature evolution (seed 003 fig. 4)</h2>')
+        body += [_figure_html(named) for named in content.features_figures]
+    if content.filters_figures:
+        body.append('<h2 id="filters">Filter dissimilarity (seed 004 eq. 1)</h2>')
+        body += [_figure_html(named) for named in content.filters_figures]
+    return body
+
+
 def _e(text: object) -> str:
     return html.escape(str(text), quote=True)
 
 
-def _contents_list() -> str:
+def _contents_list(content: ReportContent) -> str:
     items = [("runs", "Runs"), ("curves", "Curves and scatter plots"),
              ("extract", "Picking the epoch"), ("cam", "Grad-CAM heat maps")]
+    items += [(anchor, title) for anchor, title, figures in (
+        ("features", "Feature evolution", content.features_figures),
+        ("filters", "Filter dissimilarity", content.filters_figures)) if figures]
     return "<nav><ul>" + "".join(f'<li><a href="#{anchor}">{_e(title)}</a></li>'
                                  for anchor, title in items) + "</ul></nav>"
 

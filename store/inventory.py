@@ -10,13 +10,16 @@ import h5py
 import numpy as np
 
 from store.errors import InputError
+from store.feature_results import describe_features
+from store.filter_results import describe_filters
 from store.h5io import open_for_reading
 from store.results import DATASETS, stored_settings
 from store.series import WRITABLE_FORMATS, read_extract
 
 
 def describe_file(path: Path) -> dict:
-    """Format, model, classes, splits, training progress, Reaction groups and /extract rows."""
+    """Format, model, classes, splits, training progress, Reaction groups, /extract rows, and
+    the /features and /filters groups."""
     path = Path(path)
     with open_for_reading(path) as handle:
         kind = handle.attrs.get("format")
@@ -36,6 +39,8 @@ def describe_file(path: Path) -> dict:
             "reaction": {name: _reaction(group)
                          for name, group in handle.get("reaction", {}).items()},
         }
+        summary["features"] = describe_features(handle)
+        summary["filters"] = describe_filters(handle)
         provenance = handle.get("provenance")
         if provenance is not None:
             summary["provenance"] = {key: str(value) for key, value in provenance.attrs.items()}
@@ -113,7 +118,23 @@ def format_summary(summary: dict) -> str:
     lines.append(f"extract: {len(summary['extract'])} rows" if summary["extract"]
                  else "extract: none")
     lines += _extract_lines(summary["extract"])
+    lines += _analysis_lines(summary)
     return "\n".join(lines)
+
+
+def _analysis_lines(summary: dict) -> list[str]:
+    """One line per /features and /filters group (none when the file has none)."""
+    lines = []
+    for layer, group in summary.get("features", {}).items():
+        epochs, channels = group["epochs"], group["channels"]
+        lines.append(f"features/{layer}: {len(epochs)} epochs ({', '.join(map(str, epochs))}), "
+                     f"{len(channels)} channels, strongest over the {group['split']} images, "
+                     f"{group['method']} projection")
+    for layer, group in summary.get("filters", {}).items():
+        lines.append(f"filters/{layer}: {group['epochs']} epochs "
+                     f"{group['first_epoch']}–{group['last_epoch']}, {group['filters']} "
+                     f"filters, against epoch {group['against']}")
+    return lines
 
 
 _SWEEP_LINES = 3  # more threshold rows of one series than this read as a sweep: one line
