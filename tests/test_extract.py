@@ -218,13 +218,17 @@ def test_extract_rows_come_in_order_with_the_test_accuracy_at_each_epoch():
     assert rows[0].threshold == 0.5 and rows[1].threshold is None
     assert rows[2] == Extraction("reaction:train", "minimum", None, 5, 0.8)
     assert rows[2].to_json() == {"series": "reaction:train", "criterion": "minimum",
-                                 "threshold": None, "epoch": 5, "test_accuracy": 0.8}
+                                 "threshold": None, "window": None, "epoch": 5,
+                                 "reason": None, "test_accuracy": 0.8}
+    assert rows[0].window == 3
 
 
 def test_table_says_none_and_shows_percentages():
-    rows = [Extraction("loss:val", "threshold", 0.3, None, None),
+    rows = [Extraction("loss:val", "threshold", 0.3, None, None, 100, "no step"),
             Extraction("loss:val", "minimum", None, 12, 0.975)]
     lines = format_table(rows, (40, 0.9825)).splitlines()
-    assert lines[0].split()[:4] == ["series", "criterion", "threshold", "epoch"]
-    assert lines[1].split() == ["loss:val", "threshold", "0.30", "none", "-", "98.25", "(40)"]
-    assert lines[2].split() == ["loss:val", "minimum", "-", "12", "97.50", "98.25", "(40)"]
+    assert lines[0].split()[:5] == ["series", "criterion", "threshold", "window", "epoch"]
+    assert lines[1].split() == ["loss:val", "threshold", "0.30", "100", "none", "-", "98.25",
+                                "(40)"]
+    assert lines[2].split() == ["loss:val", "minimum", "-", "-", "12", "97.50", "98.25", "(40)"]
+    assert lines[3:] == ["none: loss:val threshold T=0.30: no step"]

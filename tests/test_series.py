@@ -221,13 +221,16 @@ def test_extract_table_like_thesis_table_5_1(run_file, cli):
     result = cli("analyzer", "extract", str(run_file), "--threshold", "0.3")
     assert result.returncode == 0, result.stderr
     lines = [line.split() for line in result.stdout.splitlines()]
-    assert lines[0] == ["series", "criterion", "threshold", "epoch", "test", "acc", "%", "best",
-                        "test", "acc", "%", "(epoch)"]
-    assert lines[1:] == [
-        ["reaction:train", "threshold", "0.30", "none", "-", "100.00", "(4)"],
-        ["reaction:train", "minimum", "-", "4", "100.00", "100.00", "(4)"],
-        ["loss:val", "threshold", "0.30", "3", "75.00", "100.00", "(4)"],
-        ["loss:val", "minimum", "-", "4", "100.00", "100.00", "(4)"]]
+    assert lines[0] == ["series", "criterion", "threshold", "window", "epoch", "test", "acc",
+                        "%", "best", "test", "acc", "%", "(epoch)"]
+    assert lines[1:5] == [
+        ["reaction:train", "threshold", "0.30", "100", "none", "-", "100.00", "(4)"],
+        ["reaction:train", "minimum", "-", "-", "4", "100.00", "100.00", "(4)"],
+        ["loss:val", "threshold", "0.30", "100", "3", "75.00", "100.00", "(4)"],
+        ["loss:val", "minimum", "-", "-", "4", "100.00", "100.00", "(4)"]]
+    assert result.stdout.splitlines()[5:] == [
+        "none: reaction:train threshold T=0.30: no step down smaller than T times its window's "
+        "standard deviation in 5 analysed epochs"]  # epoch 3 has no Reaction
     assert f"stored in {run_file}:/extract" in result.stderr
     assert [(r.series, r.criterion, r.epoch) for r in read_extract(run_file)] == [
         ("loss:val", "threshold", 3), ("loss:val", "minimum", 4),
@@ -239,14 +242,14 @@ def test_extract_json_schema_and_auto(run_file):
                     "--threshold", "auto", "--window", "4", "--json", "--no-save")
     assert result.exit_code == 0, result.output
     rows = json.loads(result.stdout)
-    assert all(set(row) == {"series", "criterion", "threshold", "epoch", "test_accuracy"}
-               for row in rows)
+    assert all(set(row) == {"series", "criterion", "threshold", "window", "epoch", "reason",
+                            "test_accuracy"} for row in rows)
     # Auto, window 4, from the peak (epoch 2): {5, 2, 3, 2.5} is not strictly decreasing.
     assert rows == [
-        {"series": "reaction:train", "criterion": "auto", "threshold": None, "epoch": 6,
-         "test_accuracy": 0.5},
-        {"series": "reaction:train", "criterion": "minimum", "threshold": None, "epoch": 4,
-         "test_accuracy": 1.0}]
+        {"series": "reaction:train", "criterion": "auto", "threshold": None, "window": 4,
+         "epoch": 6, "reason": None, "test_accuracy": 0.5},
+        {"series": "reaction:train", "criterion": "minimum", "threshold": None, "window": None,
+         "epoch": 4, "reason": None, "test_accuracy": 1.0}]
     assert read_extract(run_file) == []  # --no-save
 
 
