@@ -253,6 +253,44 @@ def test_extract_json_schema_and_auto(run_file):
     assert read_extract(run_file) == []  # --no-save
 
 
+def test_auto_window_rows_carry_their_reason_into_json_extract_and_info(run_file, cli):
+    # Reaction (epochs 1, 2, 4, 5, 6: 1, 5, 2, 3, 2.5) peaks at epoch 2: m = 4 values from the
+    # peak, ⌊4/2⌋ = 2 < 10, so --window auto (the default for auto) cannot choose a window.
+    reason = ("only 4 analysed epochs from the peak at epoch 2 to the end; the trend test of "
+              "--window auto needs at least 20")
+    result = invoke("extract", str(run_file), "--series", "reaction:train", "--threshold",
+                    "auto", "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)[0] == {
+        "series": "reaction:train", "criterion": "auto", "threshold": None, "window": None,
+        "epoch": None, "reason": reason, "test_accuracy": None}
+    table = invoke("extract", str(run_file), "--series", "reaction:train", "--threshold",
+                   "auto", "--window", "4")   # today's behaviour: epoch 6 (see above)
+    assert table.stdout.splitlines()[1].split()[:5] == ["reaction:train", "auto", "-", "4", "6"]
+    rows = {(r.criterion, r.window_rule): r for r in read_extract(run_file)}
+    assert set(rows) == {("auto", "auto"), ("auto", "fixed"), ("minimum", "")}  # both kept
+    assert (rows["auto", "auto"].epoch, rows["auto", "auto"].window,
+            rows["auto", "auto"].reason) == (None, 0, reason)
+    assert (rows["auto", "fixed"].epoch, rows["auto", "fixed"].window,
+            rows["auto", "fixed"].reason) == (6, 4, "")
+    text = cli("analyzer", "info", str(run_file)).stdout
+    assert f"reaction:train: auto window auto → epoch none ({reason})" in text
+    assert "reaction:train: auto window 4 → epoch 6, test acc 50.00%" in text
+
+
+def test_extract_rows_of_an_older_file_without_reason_and_window_rule_still_read(run_file):
+    write_extract(run_file, [stored("loss:val", "auto", None, 3),
+                             stored("loss:val", "minimum", None, 4, window=0)])
+    with h5py.File(run_file, "a") as handle:   # the layout before issue 16
+        del handle["extract/reason"], handle["extract/window_rule"]
+    rows = read_extract(run_file)
+    assert [(r.criterion, r.window_rule, r.reason) for r in rows] == [
+        ("auto", "fixed", ""), ("minimum", "", "")]
+    write_extract(run_file, [stored("loss:val", "auto", None, 7)])   # replaces the fixed row
+    assert [(r.criterion, r.epoch) for r in read_extract(run_file)] == [
+        ("auto", 7), ("minimum", 4)]
+
+
 def test_extract_sweep_has_one_hundred_thresholds_per_series(run_file):
     result = invoke("extract", str(run_file), "--sweep", "--json")
     assert result.exit_code == 0, result.output
@@ -297,6 +335,8 @@ def test_extract_reads_a_csv_through_the_real_command(tmp_path, cli):
     (["--threshold", "0"], "(0, 1]"),
     (["--threshold", "high"], "'auto'"),
     (["--window", "1"], "at least 2"),
+    (["--window", "ten"], "whole number or 'auto'"),
+    (["--window", "auto"], "give --threshold auto too"),
     (["--series", "loss:nope"], "no series 'loss:nope'"),
 ])
 def test_extract_errors_are_one_line(run_file, args, message):
