@@ -15,10 +15,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from analyzer.extract import Extraction  # noqa: E402
-from analyzer.extract_file import ExtractRequest, extract_file  # noqa: E402
+from analyzer.extract import Extraction
+from analyzer.extract_file import ExtractRequest, extract_file
 
 DATA_ORDER = ("digits", "shapes")
 MODEL_ORDER = ("small", "mnist")
