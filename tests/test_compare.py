@@ -190,6 +190,13 @@ def test_threshold_and_auto_criteria(runs):
     assert [(r.criterion, r.epoch, r.note) for r in auto] == [
         ("auto", None, "still decreasing at the last epoch 6: trend test p = 0.042 < 0.05 "
                        "over the last 5 analysed epochs (1–6)"), ("auto", 6, "")]
+    # The default window rule (--window auto): 5 loss values, 4 Reaction values from the peak:
+    # ⌊5/2⌋ = 2 and ⌊4/2⌋ = 2 are below 10, so neither can be tested, and the notes say so.
+    default = compare_rows(two[1:], criteria=parse_criteria("threshold", "auto", False, 100))
+    assert [r.note for r in default] == [
+        "only 5 analysed epochs in the series; the trend test of --window auto needs at least 20",
+        "only 4 analysed epochs from the peak at epoch 2 to the end; the trend test of --window "
+        "auto needs at least 20"]
     [summary] = summarize(auto, "reaction:train", "loss:val")
     assert summary.text().endswith("over 0 of 1 runs: higher in 0, equal in 0, lower in 0; "
                                    "no mean difference")
@@ -285,6 +292,8 @@ def test_sweep_table_and_figure(runs, tmp_path):
     (["--sweep", "--out", "x.gif"], ".png, .pdf or .svg"),
     (["--json", "--csv"], "exclude each other"),
     (["--threshold", "2"], "(0, 1]"),
+    (["--window", "auto"], "give --threshold auto too"),
+    (["--threshold", "auto", "--window", "x"], "whole number or 'auto'"),
 ])
 def test_errors_are_one_line(runs, args, message):
     done = invoke(str(runs["a"]), *args)
