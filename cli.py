@@ -616,7 +616,10 @@ def analyzer_extract(file: Path, series: tuple[str, ...], threshold: str, window
       analyzer extract runs/m4/run.h5 --threshold 0.3
       analyzer extract runs/m4/run.h5 --sweep --json
       analyzer extract runs/m4/run.h5 --threshold auto
+      analyzer extract runs/m4/run.h5 --threshold auto --window 100
       analyzer extract curves.csv --series val_loss --threshold 0.3
+
+    A row without an epoch says why in a line under the table ("reason" in --json).
     """
     import json
 
