@@ -13,7 +13,10 @@ Criteria:
 * minimum (thesis): the minimum, or for Reaction the minimum after the peak
   (:func:`minimum_epoch`);
 * auto (ours, no hand-set threshold): the first epoch after the peak where a Mann–Kendall
-  trend test no longer finds the window decreasing (:func:`auto_threshold_epoch`).
+  trend test no longer finds the window decreasing, the window fitted to the run by
+  :func:`auto_window` unless fixed (:func:`auto_criterion`).
+
+Every criterion without an epoch has a one-line reason (:class:`Extraction` ``reason``).
 """
 
 from __future__ import annotations
