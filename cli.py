@@ -594,8 +594,10 @@ def analyzer_report(run_files: tuple[Path, ...], out: Path, ckpt_dirs: tuple[Pat
 @click.option("--threshold", default="0.3", show_default=True, metavar="T|auto",
               help="Threshold T in (0, 1] of the threshold criterion, or 'auto' for the "
                    "criterion without a hand-set threshold (docs/EXTRACT.md).")
-@click.option("--window", default=100, show_default=True, type=int,
-              help="Values in the standard-deviation (or trend-test) window.")
+@click.option("--window", default=None, metavar="N|auto",
+              help="Values in the window: of the standard deviation (threshold criterion, "
+                   "default 100) and of the trend test (auto criterion, default 'auto': "
+                   "chosen from the run's length and the epochs after the peak).")
 @click.option("--sweep", is_flag=True, help="Every T = 0.01, 0.02, …, 1.00 instead of one.")
 @click.option("--after-peak", is_flag=True,
               help="Minimum after the series' maximum (the Reaction rule) for every series.")
@@ -605,7 +607,7 @@ def analyzer_report(run_files: tuple[Path, ...], out: Path, ckpt_dirs: tuple[Pat
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON list instead of a table.")
 @click.option("--no-save", is_flag=True, help="Do not store the rows in the file's /extract.")
 @_user_errors
-def analyzer_extract(file: Path, series: tuple[str, ...], threshold: str, window: int,
+def analyzer_extract(file: Path, series: tuple[str, ...], threshold: str, window: str | None,
                      sweep: bool, after_peak: bool, test_series: str | None, as_json: bool,
                      no_save: bool) -> None:
     """Pick the epoch: threshold, minimum or auto criterion, with the test accuracy there.
@@ -615,15 +617,19 @@ def analyzer_extract(file: Path, series: tuple[str, ...], threshold: str, window
       analyzer extract runs/m4/run.h5 --threshold 0.3
       analyzer extract runs/m4/run.h5 --sweep --json
       analyzer extract runs/m4/run.h5 --threshold auto
+      analyzer extract runs/m4/run.h5 --threshold auto --window 100
       analyzer extract curves.csv --series val_loss --threshold 0.3
+
+    A row without an epoch says why in a line under the table ("reason" in --json).
     """
     import json
 
     from analyzer.extract import format_table
-    from analyzer.extract_file import ExtractRequest, extract_file, parse_threshold
+    from analyzer.extract_file import ExtractRequest, extract_file, parse_threshold, parse_window
 
     request = ExtractRequest(path=file, series=_split_list(",".join(series)) or None,
-                             threshold=parse_threshold(threshold), window=window, sweep=sweep,
+                             threshold=parse_threshold(threshold), window=parse_window(window),
+                             sweep=sweep,
                              after_peak=after_peak, test_series=test_series, save=not no_save)
     result = extract_file(request)
     if as_json:
@@ -645,8 +651,9 @@ def analyzer_extract(file: Path, series: tuple[str, ...], threshold: str, window
 @click.option("--threshold", default=None, metavar="T|auto",
               help="T in (0, 1] of the threshold criterion (default 0.3), or 'auto' for the "
                    "criterion without a hand-set threshold (docs/EXTRACT.md).")
-@click.option("--window", default=100, show_default=True, type=int,
-              help="Values in the standard-deviation (or trend-test) window.")
+@click.option("--window", default=None, metavar="N|auto",
+              help="As for 'analyzer extract': default 100 for the threshold criterion, "
+                   "'auto' for the auto criterion.")
 @click.option("--sweep", is_flag=True,
               help="The threshold criterion at every T = 0.01, 0.02, …, 1.00; the table "
                    "counts per run.")
@@ -657,7 +664,8 @@ def analyzer_extract(file: Path, series: tuple[str, ...], threshold: str, window
 @click.option("--csv", "as_csv", is_flag=True, help="Print CSV instead of a table.")
 @_user_errors
 def analyzer_compare(run_files: tuple[Path, ...], series: tuple[str, ...],
-                     criterion: str | None, threshold: str | None, window: int, sweep: bool,
+                     criterion: str | None, threshold: str | None, window: str | None,
+                     sweep: bool,
                      out: Path | None, as_json: bool, as_csv: bool) -> None:
     """Compare the epochs picked by Reaction and by the loss across runs (table 5.1).
 
@@ -671,17 +679,18 @@ def analyzer_compare(run_files: tuple[Path, ...], series: tuple[str, ...],
       analyzer compare runs/*/run.h5 --sweep --out figs/compare.png
     """
     from analyzer import compare
-    from analyzer.extract_file import parse_threshold
+    from analyzer.extract_file import AUTO, criterion_windows, parse_threshold, parse_window
 
     if as_json and as_csv:
         raise InputError("--json and --csv exclude each other")
     if out is not None and not sweep:
         raise InputError("--out draws the threshold sweep: give --sweep too")
-    criteria = compare.parse_criteria(
-        criterion, None if threshold is None else parse_threshold(threshold), sweep, window)
+    threshold_value = None if threshold is None else parse_threshold(threshold)
+    window_value, auto_window = criterion_windows(parse_window(window), threshold_value == AUTO)
+    criteria = compare.parse_criteria(criterion, threshold_value, sweep, window_value)
     names = _split_list(",".join(series)) or list(compare.COMPARE_SERIES)
     rows = compare.compare_rows(compare.load_compare_runs(run_files, names), names, criteria,
-                                window)
+                                window_value, auto_window)
     pair = compare.reaction_and_baseline(names)
     if as_json or as_csv:
         click.echo(compare.to_json(rows) if as_json else compare.to_csv(rows), nl=as_json)

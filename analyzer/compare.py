@@ -147,8 +147,12 @@ def parse_criteria(criterion: str | None, threshold: float | str | None, sweep: 
 
 def compare_rows(runs: Sequence[CompareRun], series: Sequence[str] = COMPARE_SERIES,
                  criteria: Sequence[Criterion] = (("minimum", None),),
-                 window: int = DEFAULT_WINDOW) -> list[CompareRow]:
+                 window: int = DEFAULT_WINDOW,
+                 auto_window: int | None = None) -> list[CompareRow]:
     """Rows run by run, then series by series, then criterion (thresholds, auto, minimum).
+
+    ``window``: the threshold criterion's; ``auto_window``: the auto criterion's (None: the
+    rule of :func:`analyzer.extract.auto_window`).
 
     The minimum is taken after the peak for Reaction series (:func:`uses_peak_rule`). A run
     without a series or without test results still has its rows, with a note.
@@ -176,14 +180,14 @@ def compare_rows(runs: Sequence[CompareRun], series: Sequence[str] = COMPARE_SER
                 continue
             picked = extract(name, found.epochs, found.values, thresholds=thresholds,
                              auto=auto, minimum=minimum, after_peak=uses_peak_rule(name),
-                             window=window,
+                             window=window, auto_window=auto_window,
                              test_epochs=None if run.test is None else run.test.epochs,
                              test_accuracy=None if run.test is None else run.test.values)
             for row in picked:
                 if run.test is None:
                     note = no_test
                 elif row.epoch is None:
-                    note = "no epoch satisfies the criterion"
+                    note = row.reason or "no epoch satisfies the criterion"
                 elif row.test_accuracy is None:
                     note = f"no test result at epoch {row.epoch}"
                 else:

@@ -165,7 +165,11 @@ def _extract_lines(rows: list[dict]) -> list[str]:
 def _extract_line(row: dict) -> str:
     threshold = "" if row["threshold"] is None else f" T={row['threshold']:.2f}"
     window = f" window {row['window']}" if row["window"] else ""
+    if row.get("window_rule") == "auto":
+        window = f" window auto ({row['window']})" if row["window"] else " window auto"
     epoch = "none" if row["epoch"] is None else str(row["epoch"])
     accuracy = "" if row["test_accuracy"] is None else \
         f", test acc {100 * row['test_accuracy']:.2f}%"
-    return f"  {row['series']}: {row['criterion']}{threshold}{window} → epoch {epoch}{accuracy}"
+    reason = f" ({row['reason']})" if row["epoch"] is None and row.get("reason") else ""
+    return (f"  {row['series']}: {row['criterion']}{threshold}{window} → epoch {epoch}"
+            f"{accuracy}{reason}")

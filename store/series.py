@@ -264,9 +264,12 @@ def _csv_series(path: Path, name: str) -> Series:
 class StoredExtraction:
     """One row of ``/extract``: a chosen epoch and what it was chosen from.
 
-    ``threshold`` is None except for the threshold criterion; ``window`` is 0 for the minimum
-    criterion (which has none); ``epoch`` None: no epoch satisfies the criterion; accuracies
-    are fractions, None when unknown.
+    ``threshold`` is None except for the threshold criterion; ``window`` is the window used
+    (0 for the minimum criterion, which has none, and when ``--window auto`` could not choose
+    one); ``window_rule`` is ``"fixed"`` (a number given or the default 100), ``"auto"``
+    (chosen by ``--window auto``) or ``""`` (minimum); ``epoch`` None: no epoch satisfies the
+    criterion, and ``reason`` says why (empty when there is an epoch); accuracies are
+    fractions, None when unknown.
     """
 
     series: str
@@ -280,12 +283,15 @@ class StoredExtraction:
     best_test_accuracy: float | None
     test_source: str
     analysed_epochs: int
+    window_rule: str = "fixed"
+    reason: str = ""
 
     @property
-    def key(self) -> tuple[str, str, float, int]:
-        """Rows with the same key replace each other."""
+    def key(self) -> tuple[str, str, float, int | str]:
+        """Rows with the same key replace each other (``--window auto`` rows: one per series)."""
         threshold = math.nan if self.threshold is None else round(self.threshold, 6)
-        return self.series, self.criterion, threshold, self.window
+        window = "auto" if self.window_rule == "auto" else self.window
+        return self.series, self.criterion, threshold, window
 
 
 _EXTRACT_COLUMNS = {  # name: (dtype, missing value, long_name, units)
@@ -303,7 +309,12 @@ _EXTRACT_COLUMNS = {  # name: (dtype, missing value, long_name, units)
                            "1"),
     "test_source": ("str", None, "where the test accuracy was read from (empty: none)", None),
     "analysed_epochs": ("i4", None, "number of epochs with a value in the series", None),
+    "window_rule": ("str", None, "how the window was set: fixed (a number), auto (--window "
+                    "auto), empty (minimum criterion)", None),
+    "reason": ("str", None, "why no epoch satisfies the criterion (empty: there is one)", None),
 }
+_LATER_COLUMNS = ("window_rule", "reason")
+"""Columns added after the first /extract layout; rows of older files get their defaults."""
 
 
 def write_extract(path: Path, rows: list[StoredExtraction]) -> None:
@@ -335,7 +346,7 @@ def read_extract(path: Path) -> list[StoredExtraction]:
 def _row_order(row: StoredExtraction) -> tuple:
     criterion = ("threshold", "auto", "minimum").index(row.criterion) \
         if row.criterion in ("threshold", "auto", "minimum") else 3
-    return row.series, criterion, row.threshold or 0.0, row.window
+    return row.series, criterion, row.threshold or 0.0, row.window_rule == "auto", row.window
 
 
 def _write_extract_group(group: h5py.Group, rows: list[StoredExtraction]) -> None:
@@ -362,7 +373,11 @@ def _read_extract_group(handle: h5py.File) -> list[StoredExtraction]:
         return []
     columns = {}
     for name, (dtype, _, _, _) in _EXTRACT_COLUMNS.items():
+        if name in _LATER_COLUMNS and name not in group:
+            continue
         columns[name] = read_strings(group[name]) if dtype == "str" else group[name][()].tolist()
+    if "window_rule" not in columns:
+        columns["window_rule"] = ["" if c == "minimum" else "fixed" for c in columns["criterion"]]
     return [StoredExtraction(**_restore_missing({n: columns[n][k] for n in columns}))
             for k in range(group["row"].shape[0])]
 

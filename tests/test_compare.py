@@ -154,7 +154,7 @@ def test_minimum_rows_and_summary_worked_out_on_paper(runs):
         ("small (b)", "reaction:train", "minimum", None, 5, 75.0, 25.0, ""),    # ties
         ("model4 (c)", "loss:val", "minimum", None, 3, 66.67, 33.33, ""),
         ("model4 (c)", "reaction:train", "minimum", None, None, None, None,
-         "no epoch satisfies the criterion"),
+         "still rising: the maximum is at the last analysed epoch (6)"),
         ("model2 (d)", "loss:val", "minimum", None, 5, 100.0, 0.0, ""),         # NaN dropped
         ("model2 (d)", "reaction:train", "minimum", None, 4, 75.0, 25.0, ""),
         ("small (e)", "loss:val", "minimum", None, 2, None, None, NO_TEST),
@@ -185,9 +185,18 @@ def test_threshold_and_auto_criteria(runs):
                                      "1, lower in 1; mean difference -12.50 points")
     # Auto on D: Reaction from the peak {5, 2, 3, 2.5} is not decreasing → epoch 6; the loss
     # {2, 1, 0.9, 0.6, 0.7} has tau = −0.8, p = 5/120 < 0.05: still decreasing → none.
-    auto = compare_rows(two[1:], criteria=parse_criteria("threshold", "auto", False, 100))
+    auto = compare_rows(two[1:], criteria=parse_criteria("threshold", "auto", False, 100),
+                        auto_window=100)
     assert [(r.criterion, r.epoch, r.note) for r in auto] == [
-        ("auto", None, "no epoch satisfies the criterion"), ("auto", 6, "")]
+        ("auto", None, "still decreasing at the last epoch 6: trend test p = 0.042 < 0.05 "
+                       "over the last 5 analysed epochs (1–6)"), ("auto", 6, "")]
+    # The default window rule (--window auto): 5 loss values, 4 Reaction values from the peak:
+    # ⌊5/2⌋ = 2 and ⌊4/2⌋ = 2 are below 10, so neither can be tested, and the notes say so.
+    default = compare_rows(two[1:], criteria=parse_criteria("threshold", "auto", False, 100))
+    assert [r.note for r in default] == [
+        "only 5 analysed epochs in the series; the trend test of --window auto needs at least 20",
+        "only 4 analysed epochs from the peak at epoch 2 to the end; the trend test of --window "
+        "auto needs at least 20"]
     [summary] = summarize(auto, "reaction:train", "loss:val")
     assert summary.text().endswith("over 0 of 1 runs: higher in 0, equal in 0, lower in 0; "
                                    "no mean difference")
@@ -237,8 +246,8 @@ def test_the_command_prints_the_table_and_the_summary(runs, cli):
     assert lines[1].split() == ["small", "(a)", "loss:val", "minimum", "-", "4", "50.00",
                                 "100.00", "(5)", "50.00"]
     assert lines[6].split() == ["model4", "(c)", "reaction:train", "minimum", "-", "none", "-",
-                                "100.00", "(6)", "-", "no", "epoch", "satisfies", "the",
-                                "criterion"]
+                                "100.00", "(6)", "-", "still", "rising:", "the", "maximum",
+                                "is", "at", "the", "last", "analysed", "epoch", "(6)"]
     assert lines[-1] == ("minimum: reaction:train pick vs loss:val pick, test accuracy over 3 "
                          "of 6 runs: higher in 1, equal in 1, lower in 1; mean difference "
                          "+8.33 points")
@@ -263,8 +272,8 @@ def test_json_and_csv(runs):
     lines = list(csv.DictReader(io.StringIO(done.stdout)))
     assert [(r["series"], r["epoch"], r["test_accuracy"][:6], r["shortfall"][:6], r["note"])
             for r in lines] == [("loss:val", "3", "0.6666", "0.3333", ""),
-                                ("reaction:train", "", "", "", "no epoch satisfies the "
-                                                               "criterion")]
+                                ("reaction:train", "", "", "", "still rising: the maximum "
+                                 "is at the last analysed epoch (6)")]
 
 
 def test_sweep_table_and_figure(runs, tmp_path):
@@ -283,6 +292,8 @@ def test_sweep_table_and_figure(runs, tmp_path):
     (["--sweep", "--out", "x.gif"], ".png, .pdf or .svg"),
     (["--json", "--csv"], "exclude each other"),
     (["--threshold", "2"], "(0, 1]"),
+    (["--window", "auto"], "give --threshold auto too"),
+    (["--threshold", "auto", "--window", "x"], "whole number or 'auto'"),
 ])
 def test_errors_are_one_line(runs, args, message):
     done = invoke(str(runs["a"]), *args)

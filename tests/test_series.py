@@ -221,13 +221,16 @@ def test_extract_table_like_thesis_table_5_1(run_file, cli):
     result = cli("analyzer", "extract", str(run_file), "--threshold", "0.3")
     assert result.returncode == 0, result.stderr
     lines = [line.split() for line in result.stdout.splitlines()]
-    assert lines[0] == ["series", "criterion", "threshold", "epoch", "test", "acc", "%", "best",
-                        "test", "acc", "%", "(epoch)"]
-    assert lines[1:] == [
-        ["reaction:train", "threshold", "0.30", "none", "-", "100.00", "(4)"],
-        ["reaction:train", "minimum", "-", "4", "100.00", "100.00", "(4)"],
-        ["loss:val", "threshold", "0.30", "3", "75.00", "100.00", "(4)"],
-        ["loss:val", "minimum", "-", "4", "100.00", "100.00", "(4)"]]
+    assert lines[0] == ["series", "criterion", "threshold", "window", "epoch", "test", "acc",
+                        "%", "best", "test", "acc", "%", "(epoch)"]
+    assert lines[1:5] == [
+        ["reaction:train", "threshold", "0.30", "100", "none", "-", "100.00", "(4)"],
+        ["reaction:train", "minimum", "-", "-", "4", "100.00", "100.00", "(4)"],
+        ["loss:val", "threshold", "0.30", "100", "3", "75.00", "100.00", "(4)"],
+        ["loss:val", "minimum", "-", "-", "4", "100.00", "100.00", "(4)"]]
+    assert result.stdout.splitlines()[5:] == [
+        "none: reaction:train threshold T=0.30: no step down smaller than T times its window's "
+        "standard deviation in 5 analysed epochs"]  # epoch 3 has no Reaction
     assert f"stored in {run_file}:/extract" in result.stderr
     assert [(r.series, r.criterion, r.epoch) for r in read_extract(run_file)] == [
         ("loss:val", "threshold", 3), ("loss:val", "minimum", 4),
@@ -239,15 +242,53 @@ def test_extract_json_schema_and_auto(run_file):
                     "--threshold", "auto", "--window", "4", "--json", "--no-save")
     assert result.exit_code == 0, result.output
     rows = json.loads(result.stdout)
-    assert all(set(row) == {"series", "criterion", "threshold", "epoch", "test_accuracy"}
-               for row in rows)
+    assert all(set(row) == {"series", "criterion", "threshold", "window", "epoch", "reason",
+                            "test_accuracy"} for row in rows)
     # Auto, window 4, from the peak (epoch 2): {5, 2, 3, 2.5} is not strictly decreasing.
     assert rows == [
-        {"series": "reaction:train", "criterion": "auto", "threshold": None, "epoch": 6,
-         "test_accuracy": 0.5},
-        {"series": "reaction:train", "criterion": "minimum", "threshold": None, "epoch": 4,
-         "test_accuracy": 1.0}]
+        {"series": "reaction:train", "criterion": "auto", "threshold": None, "window": 4,
+         "epoch": 6, "reason": None, "test_accuracy": 0.5},
+        {"series": "reaction:train", "criterion": "minimum", "threshold": None, "window": None,
+         "epoch": 4, "reason": None, "test_accuracy": 1.0}]
     assert read_extract(run_file) == []  # --no-save
+
+
+def test_auto_window_rows_carry_their_reason_into_json_extract_and_info(run_file, cli):
+    # Reaction (epochs 1, 2, 4, 5, 6: 1, 5, 2, 3, 2.5) peaks at epoch 2: m = 4 values from the
+    # peak, ⌊4/2⌋ = 2 < 10, so --window auto (the default for auto) cannot choose a window.
+    reason = ("only 4 analysed epochs from the peak at epoch 2 to the end; the trend test of "
+              "--window auto needs at least 20")
+    result = invoke("extract", str(run_file), "--series", "reaction:train", "--threshold",
+                    "auto", "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)[0] == {
+        "series": "reaction:train", "criterion": "auto", "threshold": None, "window": None,
+        "epoch": None, "reason": reason, "test_accuracy": None}
+    table = invoke("extract", str(run_file), "--series", "reaction:train", "--threshold",
+                   "auto", "--window", "4")   # today's behaviour: epoch 6 (see above)
+    assert table.stdout.splitlines()[1].split()[:5] == ["reaction:train", "auto", "-", "4", "6"]
+    rows = {(r.criterion, r.window_rule): r for r in read_extract(run_file)}
+    assert set(rows) == {("auto", "auto"), ("auto", "fixed"), ("minimum", "")}  # both kept
+    assert (rows["auto", "auto"].epoch, rows["auto", "auto"].window,
+            rows["auto", "auto"].reason) == (None, 0, reason)
+    assert (rows["auto", "fixed"].epoch, rows["auto", "fixed"].window,
+            rows["auto", "fixed"].reason) == (6, 4, "")
+    text = cli("analyzer", "info", str(run_file)).stdout
+    assert f"reaction:train: auto window auto → epoch none ({reason})" in text
+    assert "reaction:train: auto window 4 → epoch 6, test acc 50.00%" in text
+
+
+def test_extract_rows_of_an_older_file_without_reason_and_window_rule_still_read(run_file):
+    write_extract(run_file, [stored("loss:val", "auto", None, 3),
+                             stored("loss:val", "minimum", None, 4, window=0)])
+    with h5py.File(run_file, "a") as handle:   # the layout before issue 16
+        del handle["extract/reason"], handle["extract/window_rule"]
+    rows = read_extract(run_file)
+    assert [(r.criterion, r.window_rule, r.reason) for r in rows] == [
+        ("auto", "fixed", ""), ("minimum", "", "")]
+    write_extract(run_file, [stored("loss:val", "auto", None, 7)])   # replaces the fixed row
+    assert [(r.criterion, r.epoch) for r in read_extract(run_file)] == [
+        ("auto", 7), ("minimum", 4)]
 
 
 def test_extract_sweep_has_one_hundred_thresholds_per_series(run_file):
@@ -294,6 +335,8 @@ def test_extract_reads_a_csv_through_the_real_command(tmp_path, cli):
     (["--threshold", "0"], "(0, 1]"),
     (["--threshold", "high"], "'auto'"),
     (["--window", "1"], "at least 2"),
+    (["--window", "ten"], "whole number or 'auto'"),
+    (["--window", "auto"], "give --threshold auto too"),
     (["--series", "loss:nope"], "no series 'loss:nope'"),
 ])
 def test_extract_errors_are_one_line(run_file, args, message):
