@@ -194,11 +194,13 @@ def extract_tables(runs: Sequence[RunData]) -> list[Table]:
         reference = "" if best is None else \
             f" (best test accuracy of any epoch: {100 * best[1]:.2f} % at epoch {best[0]})"
         rows = [(row.series, row.criterion, _cell(row.threshold, "{:.2f}"),
-                 _cell(row.epoch, "{}", "none"), _percent(row.test_accuracy))
+                 _cell(row.epoch, "{}", "none"), _percent(row.test_accuracy),
+                 row.reason or "")
                 for row in picked[run.label]]
         tables.append(Table(f"Picked epochs, {run.label}: every criterion{reference}",
-                            ("series", "criterion", "threshold T", "epoch", "test accuracy %"),
-                            rows, (False, False, True, True, True)))
+                            ("series", "criterion", "threshold T", "epoch", "test accuracy %",
+                             "why none"),
+                            rows, (False, False, True, True, True, False)))
     return tables
 
 

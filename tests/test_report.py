@@ -114,3 +114,14 @@ def test_checkpoint_folders_default_to_the_run_folder_and_must_match_the_runs(ru
                                             for p in run_files]
     with pytest.raises(InputError, match="once per run file"):
         checkpoint_folders(runs, [Path("x")])
+
+
+def test_every_criterion_without_an_epoch_says_why_in_the_report(report):
+    page = report.read_text(encoding="utf-8")
+    assert "<th>why none</th>" in page
+    rows = re.findall(r"<tr>((?:<td[^>]*>[^<]*</td>){6})</tr>", page)
+    cells = [re.findall(r"<td[^>]*>([^<]*)</td>", row) for row in rows]
+    unanswered = [row for row in cells if row[3] == "none"]
+    assert unanswered, "the short runs leave the auto criterion without an epoch"
+    assert all(row[5] for row in unanswered), unanswered
+    assert all(not row[5] for row in cells if row[3] != "none")
