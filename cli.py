@@ -531,6 +531,87 @@ def analyzer_cam(ckpt_dir: Path, epochs: str | None, images: int, out: Path, spl
     click.echo(f"wrote {out}")
 
 
+@analyzer.command("occlusion")
+@click.option("--ckpt-dir", type=click.Path(path_type=Path), required=True,
+              help="Folder of checkpoints, one file per epoch.")
+@click.option("--epochs", default=None, metavar="SEL",
+              help="Columns: epochs with a checkpoint (1,10,100,1000 or 1:1000:333). "
+                   "Default: the first, those nearest 10, 100, 1000..., the last.")
+@click.option("--images", default=8, show_default=True, type=click.IntRange(1, 64),
+              help="Rows: the first N images of the split, spread over the classes (the "
+                   "images of 'analyzer cam').")
+@click.option("--patch", default=None, type=click.IntRange(1),
+              help="Side of the square, pixels. Default: a fifth of the shorter image side.")
+@click.option("--stride", default=None, type=click.IntRange(1),
+              help="Step between positions, pixels. Default: half the patch.")
+@click.option("--fill", default="mean", show_default=True, metavar="mean|VALUE",
+              help="Pixel value under the square: the split's mean pixel value, or a number.")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Image file of the grid (.png, .pdf or .svg). Default: no figure.")
+@click.option("--results", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="File for the maps (/occlusion/<split>). Default: the run file.")
+@click.option("--split", default="train", show_default=True)
+@_model_options(layer_help="Only to build the network (occlusion uses no layer). "
+                           "Default: the model's own.")
+@click.option("--data", "data", multiple=True, metavar="SPLIT=FOLDER",
+              help="Images of a split, one sub-folder per class. Default: the run's splits.")
+@click.option("--backend", type=click.Choice(["auto", "torch", "onnx"]), default="auto",
+              show_default=True, help="As for 'analyzer reaction' (auto: the ONNX files "
+                                      "where the folder has them).")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N.")
+@click.option("--batch-size", default=256, show_default=True, type=click.IntRange(1),
+              help="Occluded copies per forward pass.")
+@click.option("--dpi", default=100, show_default=True, type=click.IntRange(30, 600))
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar, no notes, no table.")
+@_user_errors
+def analyzer_occlusion(ckpt_dir: Path, epochs: str | None, images: int, patch: int | None,
+                       stride: int | None, fill: str, out: Path | None, results: Path | None,
+                       split: str, run: Path | None, model: str | None, layer: str | None,
+                       image_size: str | None, channels: int | None, data: tuple[str, ...],
+                       backend: str, device: str, batch_size: int, dpi: int,
+                       quiet: bool) -> None:
+    """Occlusion sensitivity (Zeiler & Fergus) over the epochs, images x epochs.
+
+    A grey square slides over each image; at every position the true class's probability
+    and logit are stored in the run file (or --results) under /occlusion/<split>, with
+    each image's sensitivity: its unoccluded probability minus the minimum over positions.
+
+    \b
+    Examples:
+      analyzer occlusion --ckpt-dir runs/demo/checkpoints --patch 3 --stride 1 \\
+          --out figs/occlusion.png
+      analyzer occlusion --ckpt-dir runs/m4/checkpoints --epochs 1,10,100,1000 --images 8 \\
+          --patch 10 --stride 5 --out figs/occlusion.png
+    """
+    from analyzer.inputs import parse_data_options
+    from analyzer.occlusion_figures import occlusion_figure
+    from analyzer.occlusion_pass import (
+        OcclusionOptions,
+        compute_occlusion,
+        format_summary,
+        parse_fill,
+    )
+    from store.datasets import parse_image_size
+
+    _configure_notes(quiet)
+    result = compute_occlusion(OcclusionOptions(
+        ckpt_dir=ckpt_dir, epochs=epochs, images=images, split=split, patch=patch,
+        stride=stride, fill=parse_fill(fill), results=results, run=run, model=model,
+        layer=layer, data=parse_data_options(data),
+        image_size=parse_image_size(image_size) if image_size else None, channels=channels,
+        device=device, backend=backend, batch_size=batch_size), progress=not quiet)
+    if not quiet:
+        click.echo(format_summary(result))
+    if out is not None:
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            occlusion_figure(result.stored, result.class_names).savefig(out, dpi=dpi)
+        except (OSError, ValueError) as error:
+            raise InputError(f"cannot write {out}: {error}") from None
+        click.echo(f"wrote {out}")
+    click.echo(f"results: {result.path}:/occlusion/{split}")
+
+
 @analyzer.command("report")
 @click.argument("run_files", nargs=-1, required=True,
                 type=click.Path(dir_okay=False, path_type=Path))

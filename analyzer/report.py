@@ -35,6 +35,7 @@ from analyzer.figures import (
     load_runs,
     thesis_figures,
 )
+from analyzer.occlusion_figures import report_figures as occlusion_report_figures
 from store.errors import InputError
 from store.files import write_atomically
 from store.runfile import CHECKPOINT_DIR
@@ -111,6 +112,7 @@ class ReportContent:
     figures: list[NamedFigure]
     extract_tables: list[Table] = field(default_factory=list)
     cam_figures: list[NamedFigure] = field(default_factory=list)
+    occlusion_figures: list[NamedFigure] = field(default_factory=list)
 
 
 def write_report(options: ReportOptions, freshness: Freshness | None = None) -> Path:
@@ -122,7 +124,8 @@ def write_report(options: ReportOptions, freshness: Freshness | None = None) -> 
     content.extract_tables = extract_tables(runs)
     if options.cam:
         content.cam_figures = cam_figures(runs, options)
-    for named in [*content.figures, *content.cam_figures]:
+    content.occlusion_figures = occlusion_report_figures(runs)
+    for named in [*content.figures, *content.cam_figures, *content.occlusion_figures]:
         if named.figure is None:
             logger.warning(f"{named.caption}: skipped, {named.note}")
     page = render_html(content, freshness)
@@ -294,6 +297,7 @@ def render_html(content: ReportContent, freshness: Freshness | None = None) -> s
     body.append('<h2 id="cam">Grad-CAM heat maps</h2>')
     body += [_figure_html(named) for named in content.cam_figures] or \
         ['<p class="note">heat maps not drawn (no checkpoints at hand, or --no-cam)</p>']
+    body += _occlusion_section(content.occlusion_figures)
     refresh = "" if freshness is None or freshness.refresh is None else \
         f'<meta http-equiv="refresh" content="{int(freshness.refresh)}">\n'
     return ('<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
@@ -308,9 +312,18 @@ def _e(text: object) -> str:
 
 def _contents_list() -> str:
     items = [("runs", "Runs"), ("curves", "Curves and scatter plots"),
-             ("extract", "Picking the epoch"), ("cam", "Grad-CAM heat maps")]
+             ("extract", "Picking the epoch"), ("cam", "Grad-CAM heat maps"),
+             ("occlusion", "Occlusion sensitivity")]
     return "<nav><ul>" + "".join(f'<li><a href="#{anchor}">{_e(title)}</a></li>'
                                  for anchor, title in items) + "</ul></nav>"
+
+
+def _occlusion_section(figures: Sequence[NamedFigure]) -> list[str]:
+    """The occlusion grids and sensitivity curves stored by `analyzer occlusion`."""
+    return ['<h2 id="occlusion">Occlusion sensitivity (Zeiler &amp; Fergus §4.2)</h2>',
+            *([_figure_html(named) for named in figures] or [
+                '<p class="note">no occlusion maps in the run files (analyzer occlusion '
+                'stores them)</p>'])]
 
 
 def _run_section(run: RunData) -> str:

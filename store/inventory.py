@@ -11,6 +11,8 @@ import numpy as np
 
 from store.errors import InputError
 from store.h5io import open_for_reading
+from store.occlusion import GROUP as OCCLUSION_GROUP
+from store.occlusion import describe_occlusion
 from store.results import stored_settings
 from store.series import WRITABLE_FORMATS, read_extract
 
@@ -36,6 +38,8 @@ def describe_file(path: Path) -> dict:
             "reaction": {name: _reaction(group)
                          for name, group in handle.get("reaction", {}).items()},
         }
+        summary["occlusion"] = {name: describe_occlusion(group) for name, group
+                                in handle.get(OCCLUSION_GROUP, {}).items()}
         provenance = handle.get("provenance")
         if provenance is not None:
             summary["provenance"] = {key: str(value) for key, value in provenance.attrs.items()}
@@ -103,10 +107,26 @@ def format_summary(summary: dict) -> str:
                      f"maps over all epochs; {settings}, devices {', '.join(group['devices'])}")
     if not summary["reaction"]:
         lines.append("reaction: none computed yet")
+    lines += _occlusion_lines(summary["occlusion"])
     lines.append(f"extract: {len(summary['extract'])} rows" if summary["extract"]
                  else "extract: none")
     lines += _extract_lines(summary["extract"])
     return "\n".join(lines)
+
+
+def _occlusion_lines(groups: dict[str, dict]) -> list[str]:
+    """One line per ``/occlusion/<split>`` group (none when the file has no occlusion maps)."""
+    lines = []
+    for split, group in groups.items():
+        settings = group["settings"]
+        epochs = ", ".join(map(str, group["computed_epochs"])) or "none"
+        rows, cols = group["positions"]
+        lines.append(f"occlusion/{split}: epochs {epochs}, {group['images']} images, patch "
+                     f"{settings['patch']}, stride {settings['stride']}, fill "
+                     f"{settings['fill']:.4g} ({settings['fill_source']}), {rows}x{cols} "
+                     f"positions; backend {settings['backend']}, devices "
+                     f"{', '.join(group['devices'])}")
+    return lines
 
 
 _SWEEP_LINES = 3  # more threshold rows of one series than this read as a sweep: one line
