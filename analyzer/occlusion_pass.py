@@ -19,6 +19,7 @@ import torch
 from tqdm import tqdm
 
 from analyzer.cam import MAX_EPOCHS, MAX_IMAGES, cam_epochs, pick_images
+from analyzer.inputs import SplitData
 from analyzer.occlusion import occlusion_maps, patch_positions
 from analyzer.pass_setup import Pass, PassRequest, set_up_pass
 from analyzer.plan import parse_epochs
@@ -33,6 +34,7 @@ from store.occlusion import (
     StoredOcclusion,
     prepare_occlusion,
     read_occlusion,
+    stored_image_ids,
     write_occlusion_epoch,
 )
 from store.results import check_results_target, create_results_file
@@ -99,10 +101,9 @@ def compute_occlusion(options: OcclusionOptions, progress: bool = False) -> Occl
         raise InputError(f"the {options.split} split has no images")
     split = analysis.inputs.splits[0]
     settings = _settings(options, split.images, analysis.backend_name)
-    rows = pick_images(split.identity.labels, options.images)
-    images = OcclusionImages([split.identity.ids[i] for i in rows], split.identity.labels[rows],
-                             split.images[rows])
     path = _results_path(options, analysis)
+    wanted = [split.identity.ids[i] for i in pick_images(split.identity.labels, options.images)]
+    images = _images_to_map(split, wanted, stored_image_ids(path, split.name))
     height, width = split.images.shape[-2:]
     done = prepare_occlusion(
         path, split.name, epochs=[c.epoch for c in chosen], images=images,
@@ -117,9 +118,18 @@ def compute_occlusion(options: OcclusionOptions, progress: bool = False) -> Occl
         write_occlusion_epoch(path, split.name, _compute_epoch(analysis, checkpoint, images,
                                                                settings, options.batch_size))
         computed.append(checkpoint.epoch)
-    stored = read_occlusion(path, split.name)
-    return OcclusionRun(stored.only_epochs([c.epoch for c in chosen]),
-                        analysis.inputs.class_names, path, computed)
+    stored = read_occlusion(path, split.name).only_epochs([c.epoch for c in chosen])
+    return OcclusionRun(stored.only_images(wanted), analysis.inputs.class_names, path, computed)
+
+
+def _images_to_map(split: SplitData, wanted: list[str], stored: list[str] | None
+                   ) -> OcclusionImages:
+    """The images whose maps are computed: the wanted ones, or all those the group already
+    maps when it maps the wanted ones among others (fewer rows of the same grid)."""
+    ids = stored if stored is not None and set(wanted) <= set(stored) else wanted
+    position = {image_id: row for row, image_id in enumerate(split.identity.ids)}
+    rows = np.asarray([position[image_id] for image_id in ids], dtype=np.int64)
+    return OcclusionImages(list(ids), split.identity.labels[rows], split.images[rows])
 
 
 def _chosen_checkpoints(analysis: Pass, epochs: str | None) -> list[CheckpointFile]:

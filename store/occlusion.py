@@ -148,6 +148,15 @@ class StoredOcclusion:
     epochs: np.ndarray
     arrays: dict[str, np.ndarray]
 
+    def only_images(self, ids: Sequence[str]) -> StoredOcclusion:
+        """The same maps restricted to the images ``ids``, in that order."""
+        rows = [self.images.ids.index(image_id) for image_id in ids]
+        images = OcclusionImages(list(ids), self.images.labels[rows], self.images.pixels[rows])
+        arrays = {name: values[:, rows] if values.ndim > 1 else values
+                  for name, values in self.arrays.items()}
+        return StoredOcclusion(self.split, self.settings, images, self.rows, self.cols,
+                               self.epochs, arrays)
+
     def only_epochs(self, epochs: Sequence[int]) -> StoredOcclusion:
         """The same maps restricted to ``epochs`` (those it holds)."""
         keep = np.isin(self.epochs, list(epochs))
@@ -160,6 +169,13 @@ def occlusion_splits(path: Path) -> list[str]:
     """The splits with an ``/occlusion`` group in ``path``."""
     with open_for_reading(Path(path)) as handle:
         return sorted(handle.get(GROUP, {}))
+
+
+def stored_image_ids(path: Path, split: str) -> list[str] | None:
+    """The images ``/occlusion/<split>`` maps, or None when there is no such group."""
+    with open_for_reading(Path(path)) as handle:
+        group = handle.get(f"{GROUP}/{split}")
+        return None if group is None else read_strings(group["image"])
 
 
 def prepare_occlusion(path: Path, split: str, *, epochs: Sequence[int], images: OcclusionImages,
@@ -206,8 +222,9 @@ def _check_same(path: Path, group: h5py.Group, split: str, images: OcclusionImag
                          "--results")
     if read_strings(group["image"]) != list(images.ids):
         raise InputError(f"{path} already holds {split} occlusion maps of other images "
-                         f"({group['image'].shape[0]} images): choose the same --images, or "
-                         "write these to another file with --results")
+                         f"({group['image'].shape[0]} images): choose at most "
+                         f"--images {group['image'].shape[0]}, or write these to another file "
+                         "with --results")
 
 
 def _computed(group: h5py.Group) -> dict[int, str]:

@@ -302,11 +302,22 @@ def test_a_second_call_reads_stored_epochs_back_and_adds_the_new_ones(run, store
     assert read_occlusion(run_file, "train").epochs.tolist() == [1, 2, 4]
 
 
+def test_fewer_images_are_rows_of_the_stored_maps(run, stored):
+    _, first = stored
+    fewer = compute_occlusion(OcclusionOptions(ckpt_dir=run / "checkpoints", epochs="4",
+                                               images=2, patch=3, stride=2, device="cpu"))
+    assert fewer.computed == []
+    assert fewer.stored.images.ids == first.stored.images.ids[:2]
+    np.testing.assert_array_equal(fewer.stored.arrays["logit"],
+                                  first.stored.arrays["logit"][1:, :2])
+
+
 @pytest.mark.parametrize(("change", "message"), [
     ({"patch": 2}, r"computed with patch=3, not 2: write these to another file with "
                    r"--results$"),
     ({"fill": 0.0}, r"computed with fill=0\.\d+, not 0\.0: "),
-    ({"images": 2}, r"occlusion maps of other images \(3 images\): choose the same --images"),
+    ({"images": 5}, r"occlusion maps of other images \(3 images\): choose at most "
+                    r"--images 3, or write these to another file with --results$"),
 ])
 def test_other_settings_or_images_are_refused_in_one_line(run, stored, change, message):
     options = {"epochs": "1", "images": 3, "patch": 3, "stride": 2, "device": "cpu", **change}
@@ -382,7 +393,7 @@ def analysed_runs_copy(run: Path, tmp_path: Path) -> Path:
 def test_info_names_the_occlusion_group(stored):
     from store.inventory import describe_file, format_summary
 
-    run_file, result = stored
+    run_file, _ = stored
     summary = describe_file(run_file)
     assert summary["occlusion"]["train"]["positions"] == [3, 3]
     line = next(line for line in format_summary(summary).splitlines()
