@@ -200,6 +200,17 @@ def analyzer() -> None:
     _configure_notes(quiet=False)  # a command's -q raises the level again
 
 
+def _stacked(options: list[Callable]) -> Callable:
+    """One decorator that applies ``options`` in order (the first is listed first)."""
+
+    def apply(command: Callable) -> Callable:
+        for option in reversed(options):
+            command = option(command)
+        return command
+
+    return apply
+
+
 def _model_options(layer_help: str = "Grad-CAM layer (qualified module name). "
                                      "Default: the model's own.") -> Callable:
     """The options that say which network the checkpoints hold (reaction, export-onnx, cam)."""
@@ -213,13 +224,7 @@ def _model_options(layer_help: str = "Grad-CAM layer (qualified module name). "
         click.option("--image-size", default=None, metavar="HxW", help="Model input size."),
         click.option("--channels", default=None, type=click.IntRange(1, 3), help="1 or 3."),
     ]
-
-    def apply(command: Callable) -> Callable:
-        for option in reversed(options):
-            command = option(command)
-        return command
-
-    return apply
+    return _stacked(options)
 
 
 def _split_list(text: str | None) -> list[str] | None:
@@ -397,13 +402,7 @@ def _follow_options(what: str) -> Callable:
                      help="With --follow: stop after this long without a change (a trainer "
                           "that died)."),
     ]
-
-    def apply(command: Callable) -> Callable:
-        for option in reversed(options):
-            command = option(command)
-        return command
-
-    return apply
+    return _stacked(options)
 
 
 def _check_follow_options(follow: bool, every: float | None, idle: float | None) -> None:
@@ -474,21 +473,31 @@ def analyzer_plot(run_files: tuple[Path, ...], out: Path, smooth: int, image_for
         click.echo(f"wrote {path}")
 
 
+def _grid_options() -> Callable:
+    """The options of a grid of images x epochs (cam, occlusion): which checkpoints, epochs,
+    images and split."""
+    options = [
+        click.option("--ckpt-dir", type=click.Path(path_type=Path), required=True,
+                     help="Folder of checkpoints, one file per epoch."),
+        click.option("--epochs", default=None, metavar="SEL",
+                     help="Columns: epochs with a checkpoint (1,10,100,1000 or 1:1000:333). "
+                          "Default: the first, those nearest 10, 100, 1000..., the last."),
+        click.option("--images", default=8, show_default=True, type=click.IntRange(1, 64),
+                     help="Rows: the first N images of the split, spread over the classes."),
+        click.option("--split", default="train", show_default=True),
+        click.option("--data", "data", multiple=True, metavar="SPLIT=FOLDER",
+                     help="Images of a split, one sub-folder per class. Default: the run's "
+                          "splits."),
+    ]
+    return _stacked(options)
+
+
 @analyzer.command("cam")
-@click.option("--ckpt-dir", type=click.Path(path_type=Path), required=True,
-              help="Folder of checkpoints, one file per epoch.")
-@click.option("--epochs", default=None, metavar="SEL",
-              help="Columns: epochs with a checkpoint (1,10,100,1000 or 1:1000:333). "
-                   "Default: the first, those nearest 10, 100, 1000..., the last.")
-@click.option("--images", default=8, show_default=True, type=click.IntRange(1, 64),
-              help="Rows: the first N images of the split, spread over the classes.")
+@_grid_options()
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True,
               help="Image file (.png, .pdf or .svg).")
-@click.option("--split", default="train", show_default=True)
 @_model_options(layer_help="Grad-CAM layer. Default: the stored results' layer, "
                                    "else the model's.")
-@click.option("--data", "data", multiple=True, metavar="SPLIT=FOLDER",
-              help="Images of a split, one sub-folder per class. Default: the run's splits.")
 @click.option("--scale", type=click.Choice(["cell", "shared"]), default="cell",
               show_default=True,
               help="Colour scale: each map to its own maximum, or one for the grid.")
@@ -532,14 +541,7 @@ def analyzer_cam(ckpt_dir: Path, epochs: str | None, images: int, out: Path, spl
 
 
 @analyzer.command("occlusion")
-@click.option("--ckpt-dir", type=click.Path(path_type=Path), required=True,
-              help="Folder of checkpoints, one file per epoch.")
-@click.option("--epochs", default=None, metavar="SEL",
-              help="Columns: epochs with a checkpoint (1,10,100,1000 or 1:1000:333). "
-                   "Default: the first, those nearest 10, 100, 1000..., the last.")
-@click.option("--images", default=8, show_default=True, type=click.IntRange(1, 64),
-              help="Rows: the first N images of the split, spread over the classes (the "
-                   "images of 'analyzer cam').")
+@_grid_options()
 @click.option("--patch", default=None, type=click.IntRange(1),
               help="Side of the square, pixels. Default: a fifth of the shorter image side.")
 @click.option("--stride", default=None, type=click.IntRange(1),
@@ -550,11 +552,8 @@ def analyzer_cam(ckpt_dir: Path, epochs: str | None, images: int, out: Path, spl
               help="Image file of the grid (.png, .pdf or .svg). Default: no figure.")
 @click.option("--results", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="File for the maps (/occlusion/<split>). Default: the run file.")
-@click.option("--split", default="train", show_default=True)
 @_model_options(layer_help="Only to build the network (occlusion uses no layer). "
                            "Default: the model's own.")
-@click.option("--data", "data", multiple=True, metavar="SPLIT=FOLDER",
-              help="Images of a split, one sub-folder per class. Default: the run's splits.")
 @click.option("--backend", type=click.Choice(["auto", "torch", "onnx"]), default="auto",
               show_default=True, help="As for 'analyzer reaction' (auto: the ONNX files "
                                       "where the folder has them).")
@@ -591,15 +590,17 @@ def analyzer_occlusion(ckpt_dir: Path, epochs: str | None, images: int, patch: i
         format_summary,
         parse_fill,
     )
+    from analyzer.pass_setup import PassRequest
     from store.datasets import parse_image_size
 
     _configure_notes(quiet)
-    result = compute_occlusion(OcclusionOptions(
-        ckpt_dir=ckpt_dir, epochs=epochs, images=images, split=split, patch=patch,
-        stride=stride, fill=parse_fill(fill), results=results, run=run, model=model,
-        layer=layer, data=parse_data_options(data),
+    source = PassRequest(
+        ckpt_dir=ckpt_dir, run=run, model=model, layer=layer, data=parse_data_options(data),
         image_size=parse_image_size(image_size) if image_size else None, channels=channels,
-        device=device, backend=backend, batch_size=batch_size), progress=not quiet)
+        splits=[split], device=device, backend=backend)
+    result = compute_occlusion(OcclusionOptions(
+        source, epochs=epochs, images=images, patch=patch, stride=stride,
+        fill=parse_fill(fill), results=results, batch_size=batch_size), progress=not quiet)
     if not quiet:
         click.echo(format_summary(result))
     if out is not None:

@@ -11,7 +11,7 @@ is unchanged.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -42,25 +42,27 @@ from store.results import check_results_target, create_results_file
 
 @dataclass(frozen=True)
 class OcclusionOptions:
-    """The options of `analyzer occlusion` (see its ``--help``); None means "as the run or
-    the images say"."""
+    """The options of `analyzer occlusion` (see its ``--help``).
 
-    ckpt_dir: Path
-    epochs: str | None = None  # None: :func:`analyzer.cam.cam_epochs` of the checkpoints
+    Attributes:
+        source: the checkpoints, network, split (exactly one), device and backend, as for
+            every pass.
+        epochs: the columns; None: :func:`analyzer.cam.cam_epochs` of the checkpoints.
+        images: the rows: the first N images of the split (:func:`analyzer.cam.pick_images`).
+        patch: the square's side; None: :func:`default_patch`.
+        stride: the step between positions; None: half the patch.
+        fill: the value under the square; None: the split's mean pixel value.
+        results: the file for the maps; None: the run file.
+        batch_size: occluded copies per forward pass.
+    """
+
+    source: PassRequest
+    epochs: str | None = None
     images: int = 8
-    split: str = "train"
-    patch: int | None = None  # None: :func:`default_patch`
-    stride: int | None = None  # None: half the patch
-    fill: float | None = None  # None: the split's mean pixel value
-    results: Path | None = None  # None: the run file
-    run: Path | None = None
-    model: str | None = None
-    layer: str | None = None
-    data: dict[str, Path] = field(default_factory=dict)
-    image_size: tuple[int, int] | None = None
-    channels: int | None = None
-    device: str = "auto"
-    backend: str = "auto"
+    patch: int | None = None
+    stride: int | None = None
+    fill: float | None = None
+    results: Path | None = None
     batch_size: int = 256
 
 
@@ -92,13 +94,12 @@ def compute_occlusion(options: OcclusionOptions, progress: bool = False) -> Occl
     if not 1 <= options.images <= MAX_IMAGES:
         raise InputError(f"--images must be 1 to {MAX_IMAGES} (one row of the figure each), "
                          f"got {options.images}")
-    analysis = set_up_pass(PassRequest(
-        ckpt_dir=options.ckpt_dir, run=options.run, model=options.model, layer=options.layer,
-        data=options.data, image_size=options.image_size, channels=options.channels,
-        splits=[options.split], device=options.device, backend=options.backend))
+    if not options.source.splits or len(options.source.splits) != 1:
+        raise InputError("occlusion maps the images of one split")
+    analysis = set_up_pass(options.source)
     chosen = _chosen_checkpoints(analysis, options.epochs)
     if not analysis.inputs.splits:
-        raise InputError(f"the {options.split} split has no images")
+        raise InputError(f"the {options.source.splits[0]} split has no images")
     split = analysis.inputs.splits[0]
     settings = _settings(options, split.images, analysis.backend_name)
     path = _results_path(options, analysis)

@@ -24,7 +24,7 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 import h5py
@@ -207,3 +207,20 @@ def _describe(dataset: h5py.Dataset, long_name: str, units: str | None) -> None:
 def read_strings(dataset: h5py.Dataset) -> list[str]:
     """Read a 1-D string dataset as a list of Python strings."""
     return [v.decode() if isinstance(v, bytes) else str(v) for v in dataset[()]]
+
+
+def write_epoch_row(path: Path, group_name: str, epoch: int,
+                    values: Mapping[str, object]) -> None:
+    """Write one epoch's row of a group's pre-allocated variables in place, under the writer
+    lock, then (flushed after them) its ``computed`` flag: a reader sees the row whole or not
+    at all. Text values are stored as bytes."""
+    with update_in_place(Path(path)) as handle:
+        group = handle[group_name]
+        rows = np.flatnonzero(group["epoch"][()] == epoch)
+        if len(rows) != 1:
+            raise InputError(f"epoch {epoch} has no row in {path}:/{group_name}")
+        row = int(rows[0])
+        for name, value in values.items():
+            group[name][row] = value.encode() if isinstance(value, str) else value
+        handle.flush()
+        group["computed"][row] = 1

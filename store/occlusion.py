@@ -36,7 +36,7 @@ from store.h5io import (
     open_for_reading,
     read_strings,
     replace_atomically,
-    update_in_place,
+    write_epoch_row,
 )
 
 GROUP = "occlusion"
@@ -272,18 +272,9 @@ def _restore_rows(group: h5py.Group, saved: dict[str, np.ndarray], axis: list[in
 
 def write_occlusion_epoch(path: Path, split: str, result: OcclusionEpoch) -> None:
     """Store one checkpoint's maps in place; the ``computed`` flag goes last."""
-    with update_in_place(Path(path)) as handle:
-        group = handle[f"{GROUP}/{split}"]
-        rows = np.flatnonzero(group["epoch"][()] == result.epoch)
-        if len(rows) != 1:
-            raise InputError(f"epoch {result.epoch} has no row in {path}:/{GROUP}/{split}")
-        row = int(rows[0])
-        for name in _ROW_VARIABLES:
-            if name != "computed":
-                value = getattr(result, name)
-                group[name][row] = value.encode() if isinstance(value, str) else value
-        handle.flush()
-        group["computed"][row] = 1
+    write_epoch_row(path, f"{GROUP}/{split}", result.epoch,
+                    {name: getattr(result, name) for name in _ROW_VARIABLES
+                     if name != "computed"})
 
 
 def read_occlusion(path: Path, split: str) -> StoredOcclusion:
