@@ -552,8 +552,8 @@ def analyzer_cam(ckpt_dir: Path, epochs: str | None, images: int, out: Path, spl
               help="Image file of the grid (.png, .pdf or .svg). Default: no figure.")
 @click.option("--results", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="File for the maps (/occlusion/<split>). Default: the run file.")
-@_model_options(layer_help="Only to build the network (occlusion uses no layer). "
-                           "Default: the model's own.")
+@_model_options(layer_help="Occlusion uses no layer; only a --model that names no "
+                           "Grad-CAM layer needs one here (any module name).")
 @click.option("--backend", type=click.Choice(["auto", "torch", "onnx"]), default="auto",
               show_default=True, help="As for 'analyzer reaction' (auto: the ONNX files "
                                       "where the folder has them).")
