@@ -26,7 +26,7 @@ round starting with the next; round 0 (one image) is a warm-up. The table gives 
 over the other rounds of positions (occluded images) per wall-clock second and per process
 CPU-second.
 
-    .venv-bench/bin/python bench/occlusion.py --images 4 --patch 10 --stride 5
+    .venv-bench/bin/python bench/occlusion.py --images 2 --patch 10 --stride 5
 """
 
 from __future__ import annotations
@@ -196,9 +196,9 @@ def table(rows: list[dict]) -> str:
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      epilog="example: .venv-bench/bin/python bench/occlusion.py "
-                                            "--images 4 --patch 10 --stride 5")
+                                            "--images 2 --patch 10 --stride 5")
     parser.add_argument("--model", choices=["model2", "model4"], default="model4")
-    parser.add_argument("--images", type=int, default=4)
+    parser.add_argument("--images", type=int, default=2)
     parser.add_argument("--patch", type=int, default=10)
     parser.add_argument("--stride", type=int, default=5)
     parser.add_argument("--batch", type=int, default=256,
