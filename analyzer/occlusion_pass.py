@@ -127,8 +127,9 @@ def _images_to_map(split: SplitData, wanted: list[str], stored: list[str] | None
                    ) -> OcclusionImages:
     """The images whose maps are computed: the wanted ones, or all those the group already
     maps when it maps the wanted ones among others (fewer rows of the same grid)."""
-    ids = stored if stored is not None and set(wanted) <= set(stored) else wanted
     position = {image_id: row for row, image_id in enumerate(split.identity.ids)}
+    ids = stored if stored is not None and set(wanted) <= set(stored) <= set(position) \
+        else wanted
     rows = np.asarray([position[image_id] for image_id in ids], dtype=np.int64)
     return OcclusionImages(list(ids), split.identity.labels[rows], split.images[rows])
 

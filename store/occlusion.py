@@ -225,6 +225,10 @@ def _check_same(path: Path, group: h5py.Group, split: str, images: OcclusionImag
                          f"({group['image'].shape[0]} images): choose at most "
                          f"--images {group['image'].shape[0]}, or write these to another file "
                          "with --results")
+    if not np.array_equal(group["pixels"][()], np.asarray(images.pixels, dtype="f4")):
+        raise InputError(f"{path} already holds {split} occlusion maps of these images with "
+                         "other pixels (another --image-size, --channels or data?): write "
+                         "these to another file with --results")
 
 
 def _computed(group: h5py.Group) -> dict[int, str]:

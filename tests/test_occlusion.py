@@ -334,6 +334,15 @@ def test_other_settings_or_images_are_refused_in_one_line(run, stored, change, m
         compute_occlusion(occlusion_options(ckpt_dir=run / "checkpoints", **options))
 
 
+def test_maps_of_other_pixels_of_the_same_images_are_refused(run, stored):
+    with pytest.raises(InputError, match=r"occlusion maps of these images with other pixels "
+                                         r"\(another --image-size, --channels or data\?\)"):
+        compute_occlusion(OcclusionOptions(
+            PassRequest(ckpt_dir=run / "checkpoints", splits=["train"], device="cpu",
+                        image_size=(10, 10)),
+            epochs="1", images=3, patch=3, stride=2))
+
+
 def test_a_replaced_checkpoint_is_refused(run, stored, tmp_path):
     copy = tmp_path / "run"
     shutil.copytree(run, copy)
