@@ -339,7 +339,7 @@ def test_maps_of_other_pixels_of_the_same_images_are_refused(run, stored):
                                          r"\(another --image-size, --channels or data\?\)"):
         compute_occlusion(OcclusionOptions(
             PassRequest(ckpt_dir=run / "checkpoints", splits=["train"], device="cpu",
-                        image_size=(10, 10)),
+                        channels=3),
             epochs="1", images=3, patch=3, stride=2))
 
 
