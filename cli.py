@@ -196,6 +196,17 @@ def analyzer() -> None:
     _configure_notes(quiet=False)  # a command's -q raises the level again
 
 
+def _stacked(options: list[Callable]) -> Callable:
+    """One decorator that applies ``options`` in order (the first is listed first)."""
+
+    def apply(command: Callable) -> Callable:
+        for option in reversed(options):
+            command = option(command)
+        return command
+
+    return apply
+
+
 def _model_options(layer_help: str = "Grad-CAM layer (qualified module name). "
                                      "Default: the model's own.",
                    channels_flag: str = "--channels") -> Callable:
@@ -214,13 +225,7 @@ def _model_options(layer_help: str = "Grad-CAM layer (qualified module name). "
         click.option("--image-size", default=None, metavar="HxW", help="Model input size."),
         click.option(channels_flag, default=None, type=click.IntRange(1, 3), help="1 or 3."),
     ]
-
-    def apply(command: Callable) -> Callable:
-        for option in reversed(options):
-            command = option(command)
-        return command
-
-    return apply
+    return _stacked(options)
 
 
 def _split_list(text: str | None) -> list[str] | None:
@@ -398,13 +403,7 @@ def _follow_options(what: str) -> Callable:
                      help="With --follow: stop after this long without a change (a trainer "
                           "that died)."),
     ]
-
-    def apply(command: Callable) -> Callable:
-        for option in reversed(options):
-            command = option(command)
-        return command
-
-    return apply
+    return _stacked(options)
 
 
 def _check_follow_options(follow: bool, every: float | None, idle: float | None) -> None:
@@ -475,21 +474,31 @@ def analyzer_plot(run_files: tuple[Path, ...], out: Path, smooth: int, image_for
         click.echo(f"wrote {path}")
 
 
+def _grid_options() -> Callable:
+    """The options of a grid of images x epochs (cam, occlusion): which checkpoints, epochs,
+    images and split."""
+    options = [
+        click.option("--ckpt-dir", type=click.Path(path_type=Path), required=True,
+                     help="Folder of checkpoints, one file per epoch."),
+        click.option("--epochs", default=None, metavar="SEL",
+                     help="Columns: epochs with a checkpoint (1,10,100,1000 or 1:1000:333). "
+                          "Default: the first, those nearest 10, 100, 1000..., the last."),
+        click.option("--images", default=8, show_default=True, type=click.IntRange(1, 64),
+                     help="Rows: the first N images of the split, spread over the classes."),
+        click.option("--split", default="train", show_default=True),
+        click.option("--data", "data", multiple=True, metavar="SPLIT=FOLDER",
+                     help="Images of a split, one sub-folder per class. Default: the run's "
+                          "splits."),
+    ]
+    return _stacked(options)
+
+
 @analyzer.command("cam")
-@click.option("--ckpt-dir", type=click.Path(path_type=Path), required=True,
-              help="Folder of checkpoints, one file per epoch.")
-@click.option("--epochs", default=None, metavar="SEL",
-              help="Columns: epochs with a checkpoint (1,10,100,1000 or 1:1000:333). "
-                   "Default: the first, those nearest 10, 100, 1000..., the last.")
-@click.option("--images", default=8, show_default=True, type=click.IntRange(1, 64),
-              help="Rows: the first N images of the split, spread over the classes.")
+@_grid_options()
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True,
               help="Image file (.png, .pdf or .svg).")
-@click.option("--split", default="train", show_default=True)
 @_model_options(layer_help="Grad-CAM layer. Default: the stored results' layer, "
                                    "else the model's.")
-@click.option("--data", "data", multiple=True, metavar="SPLIT=FOLDER",
-              help="Images of a split, one sub-folder per class. Default: the run's splits.")
 @click.option("--scale", type=click.Choice(["cell", "shared"]), default="cell",
               show_default=True,
               help="Colour scale: each map to its own maximum, or one for the grid.")
@@ -530,6 +539,79 @@ def analyzer_cam(ckpt_dir: Path, epochs: str | None, images: int, out: Path, spl
     except (OSError, ValueError) as error:
         raise InputError(f"cannot write {out}: {error}") from None
     click.echo(f"wrote {out}")
+
+
+@analyzer.command("occlusion")
+@_grid_options()
+@click.option("--patch", default=None, type=click.IntRange(1),
+              help="Side of the square, pixels. Default: a fifth of the shorter image side.")
+@click.option("--stride", default=None, type=click.IntRange(1),
+              help="Step between positions, pixels. Default: half the patch.")
+@click.option("--fill", default="mean", show_default=True, metavar="mean|VALUE",
+              help="Pixel value under the square: the split's mean pixel value, or a number.")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Image file of the grid (.png, .pdf or .svg). Default: no figure.")
+@click.option("--results", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="File for the maps (/occlusion/<split>). Default: the run file.")
+@_model_options(layer_help="Occlusion uses no layer; only a --model that names no "
+                           "Grad-CAM layer needs one here (any module name).")
+@click.option("--backend", type=click.Choice(["auto", "torch", "onnx"]), default="auto",
+              show_default=True, help="As for 'analyzer reaction' (auto: the ONNX files "
+                                      "where the folder has them).")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N.")
+@click.option("--batch-size", default=256, show_default=True, type=click.IntRange(1),
+              help="Occluded copies per forward pass.")
+@click.option("--dpi", default=100, show_default=True, type=click.IntRange(30, 600))
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar, no notes, no table.")
+@_user_errors
+def analyzer_occlusion(ckpt_dir: Path, epochs: str | None, images: int, patch: int | None,
+                       stride: int | None, fill: str, out: Path | None, results: Path | None,
+                       split: str, run: Path | None, model: str | None, layer: str | None,
+                       image_size: str | None, channels: int | None, data: tuple[str, ...],
+                       backend: str, device: str, batch_size: int, dpi: int,
+                       quiet: bool) -> None:
+    """Occlusion sensitivity (Zeiler & Fergus) over the epochs, images x epochs.
+
+    A grey square slides over each image; at every position the true class's probability
+    and logit are stored in the run file (or --results) under /occlusion/<split>, with
+    each image's sensitivity: its unoccluded probability minus the minimum over positions.
+
+    \b
+    Examples:
+      analyzer occlusion --ckpt-dir runs/demo/checkpoints --patch 3 --stride 1 \\
+          --out figs/occlusion.png
+      analyzer occlusion --ckpt-dir runs/m4/checkpoints --epochs 1,10,100,1000 --images 8 \\
+          --patch 10 --stride 5 --out figs/occlusion.png
+    """
+    from analyzer.inputs import parse_data_options
+    from analyzer.occlusion_figures import occlusion_figure
+    from analyzer.occlusion_pass import (
+        OcclusionOptions,
+        compute_occlusion,
+        format_summary,
+        parse_fill,
+    )
+    from analyzer.pass_setup import PassRequest
+    from store.datasets import parse_image_size
+
+    _configure_notes(quiet)
+    source = PassRequest(
+        ckpt_dir=ckpt_dir, run=run, model=model, layer=layer, data=parse_data_options(data),
+        image_size=parse_image_size(image_size) if image_size else None, channels=channels,
+        splits=[split], device=device, backend=backend)
+    result = compute_occlusion(OcclusionOptions(
+        source, epochs=epochs, images=images, patch=patch, stride=stride,
+        fill=parse_fill(fill), results=results, batch_size=batch_size), progress=not quiet)
+    if not quiet:
+        click.echo(format_summary(result))
+    if out is not None:
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            occlusion_figure(result.stored, result.class_names).savefig(out, dpi=dpi)
+        except (OSError, ValueError) as error:
+            raise InputError(f"cannot write {out}: {error}") from None
+        click.echo(f"wrote {out}")
+    click.echo(f"results: {result.path}:/occlusion/{split}")
 
 
 @analyzer.command("report")

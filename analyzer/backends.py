@@ -49,6 +49,11 @@ class Backend(Protocol):
         ``keep_maps``, the raw Grad-CAM maps ``[B, h, w]`` of a batch on the device."""
         ...
 
+    def logits(self, images: Tensor) -> Tensor:
+        """Logits ``[B, classes]`` of a batch on the device: a forward pass only (no
+        gradient, no map), for analyses such as occlusion that need nothing else."""
+        ...
+
 
 @dataclass
 class LoadedCheckpoint:

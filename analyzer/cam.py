@@ -193,7 +193,7 @@ def cam_figure(grid: CamGrid, scale: str = "cell") -> Figure:
         for j, epoch in enumerate(grid.epochs):
             cell = axes[i, j]
             top = shared_top if scale == "shared" else float(heat[i, j].max())
-            _show_input(cell, grid.pixels[i])
+            show_input(cell, grid.pixels[i])
             cell.imshow(heat[i, j], cmap=jet, alpha=0.45, vmin=0.0, vmax=top if top > 0 else 1.0,
                         interpolation="nearest")
             cell.set_title(cell_title(grid.class_names[int(label)], epoch,
@@ -207,7 +207,8 @@ def cam_figure(grid: CamGrid, scale: str = "cell") -> Figure:
     return figure
 
 
-def _show_input(axes, pixels: np.ndarray) -> None:
+def show_input(axes, pixels: np.ndarray) -> None:
+    """Draw an image ``[C, H, W]`` in [0, 1] on ``axes``: grey for one channel, else RGB."""
     if pixels.shape[0] == 1:
         axes.imshow(pixels[0], cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest")
     else:

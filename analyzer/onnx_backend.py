@@ -178,6 +178,20 @@ class OnnxBackend:
         return BatchResult(outputs[0], outputs[1], outputs[2],
                            outputs[3] if keep_maps else None)
 
+    def logits(self, images: Tensor) -> Tensor:
+        """Logits of a batch: only the graph's path to ``logits`` runs (no gradient part).
+
+        A ``targets`` input, which only the gradient part reads, is fed zeros.
+        """
+        images = images.detach().to(torch.float32).contiguous()
+        targets = torch.zeros(images.shape[0], dtype=torch.int64, device=images.device)
+        if self.device.type == "cuda":
+            return self._run_bound(images, targets, [LOGITS])[0]
+        feeds = {IMAGES: images.numpy()}
+        if TARGETS in self._inputs:
+            feeds[TARGETS] = targets.numpy()
+        return torch.from_numpy(self.session.run([LOGITS], feeds, _forward_only())[0])
+
     def _run_bound(self, images: Tensor, labels: Tensor, names: list[str]) -> list[Tensor]:
         """Run on the GPU with inputs and outputs bound to torch's device memory."""
         batch, index = images.shape[0], self.device.index or 0
@@ -196,9 +210,16 @@ class OnnxBackend:
             binding.bind_output(name, "cuda", index, _NUMPY_TYPES[tensor.dtype],
                                 list(tensor.shape), tensor.data_ptr())
         torch.cuda.current_stream(self.device).synchronize()  # torch's writes are done
-        self.session.run_with_iobinding(binding)
+        self.session.run_with_iobinding(binding, _forward_only() if names == [LOGITS] else None)
         binding.synchronize_outputs()  # onnxruntime's writes are done
         return outputs
+
+
+def _forward_only():
+    """Run options that execute only the nodes the requested outputs need."""
+    options = _ort().RunOptions()
+    options.only_execute_path_to_fetches = True
+    return options
 
 
 def _session(file: OnnxFile, device: torch.device, threads: int | None = None):

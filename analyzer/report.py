@@ -37,6 +37,7 @@ from analyzer.figures import (
     load_runs,
     thesis_figures,
 )
+from analyzer.occlusion_figures import report_figures as occlusion_report_figures
 from store.errors import InputError
 from store.files import write_atomically
 from store.runfile import CHECKPOINT_DIR
@@ -115,6 +116,7 @@ class ReportContent:
     cam_figures: list[NamedFigure] = field(default_factory=list)
     features_figures: list[NamedFigure] = field(default_factory=list)
     filters_figures: list[NamedFigure] = field(default_factory=list)
+    occlusion_figures: list[NamedFigure] = field(default_factory=list)
 
 
 def write_report(options: ReportOptions, freshness: Freshness | None = None) -> Path:
@@ -128,7 +130,8 @@ def write_report(options: ReportOptions, freshness: Freshness | None = None) -> 
         content.cam_figures = cam_figures(runs, options)
     content.features_figures = feature_figures.report_figures(runs)
     content.filters_figures = filter_figures.report_figures(runs)
-    for named in [*content.figures, *content.cam_figures]:
+    content.occlusion_figures = occlusion_report_figures(runs)
+    for named in [*content.figures, *content.cam_figures, *content.occlusion_figures]:
         if named.figure is None:
             logger.warning(f"{named.caption}: skipped, {named.note}")
     page = render_html(content, freshness)
@@ -312,9 +315,12 @@ def render_html(content: ReportContent, freshness: Freshness | None = None) -> s
 
 
 def _stored_sections(content: ReportContent) -> list[str]:
-    """The sections of `analyzer features` and `analyzer filters` results in the run files
-    (only when some file holds them)."""
+    """The sections of `analyzer occlusion`, `analyzer features` and `analyzer filters`
+    results in the run files (only when some file holds them)."""
     body = []
+    if content.occlusion_figures:
+        body.append('<h2 id="occlusion">Occlusion sensitivity (Zeiler &amp; Fergus §4.2)</h2>')
+        body += [_figure_html(named) for named in content.occlusion_figures]
     if content.features_figures:
         body.append('<h2 id="features">Feature evolution (seed 003 fig. 4)</h2>')
         body += [_figure_html(named) for named in content.features_figures]
@@ -332,6 +338,7 @@ def _contents_list(content: ReportContent) -> str:
     items = [("runs", "Runs"), ("curves", "Curves and scatter plots"),
              ("extract", "Picking the epoch"), ("cam", "Grad-CAM heat maps")]
     items += [(anchor, title) for anchor, title, figures in (
+        ("occlusion", "Occlusion sensitivity", content.occlusion_figures),
         ("features", "Feature evolution", content.features_figures),
         ("filters", "Filter dissimilarity", content.filters_figures)) if figures]
     return "<nav><ul>" + "".join(f'<li><a href="#{anchor}">{_e(title)}</a></li>'

@@ -173,6 +173,17 @@ class TorchBackend:
                        f"on a CPU, does not suit it ({why})")
         return reference
 
+    def logits(self, images: Tensor) -> Tensor:
+        """Logits of a batch, eval mode, without autograd: a forward pass only.
+
+        Cut into sub-batches on a CPU as :meth:`compute` is (the cut changes no value).
+        """
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with _eval_mode(self.model), torch.no_grad():
+            return torch.cat([self.model(part) for part in
+                              images.split(self._sub_batch_size(images))])
+
     def _sub_batch_size(self, images: Tensor) -> int:
         if self.device.type != "cpu" or len(images) <= 1:
             return max(len(images), 1)

@@ -8,6 +8,7 @@ one process, on whatever device is there:
    (the reference), torch on the device, ONNX Runtime on the CPU, ONNX Runtime on the device
    (I/O binding); each results file is compared with the reference: per-image Reaction within
    rel. 1e-4, identical empty maps and predictions, accuracy equal, loss within rel. 1e-4;
+   then ``analyzer occlusion`` the same four ways, its maps within 1e-5 of torch on the CPU's;
 2. speed: Model IV with random weights (as ``bench/reaction.py``), 1024 images of 1×50×200,
    ``TorchBackend`` and ``OnnxBackend`` on the device, images/s and agreement.
 
@@ -136,6 +137,35 @@ def end_to_end(work: Path, device: str, onnx_on_device: bool) -> list[str]:
         found = compare(reference, results, extents)
         print(f"  {backend} on {where} vs torch on cpu: {'; '.join(found) or 'equal'}")
         problems += [f"{backend} on {where}: {problem}" for problem in found]
+    return problems + occlusion_end_to_end(run, work, list(files))
+
+
+OCCLUSION_TOLERANCE = 1e-5  # absolute, on probabilities and logits
+
+
+def occlusion_end_to_end(run: Path, work: Path, ways: list[tuple[str, str]]) -> list[str]:
+    """``analyzer occlusion`` the same ways as ``analyzer reaction``; each map compared with
+    torch on the CPU's (within :data:`OCCLUSION_TOLERANCE`); the problems."""
+    maps = {}
+    for backend, where in ways:
+        out = work / f"occlusion-{backend}-{where.replace(':', '')}.h5"
+        seconds = console("analyzer", "occlusion", "--ckpt-dir", str(run / "checkpoints"),
+                          "--run", str(run / "run.h5"), "--results", str(out), "--epochs",
+                          "1,3", "--images", "4", "--patch", "3", "--stride", "1",
+                          "--backend", backend, "--device", where, "-q")
+        with h5py.File(out, "r") as handle:
+            maps[backend, where] = {name: handle["occlusion/train"][name][()]
+                                    for name in ("probability", "logit", "sensitivity")}
+        print(f"analyzer occlusion --backend {backend} --device {where}: {seconds:.1f} s")
+    problems = []
+    for (backend, where), found in maps.items():
+        errors = {name: float(np.max(np.abs(found[name] - maps["torch", "cpu"][name])))
+                  for name in found}
+        worst = max(errors.values())
+        print(f"  occlusion, {backend} on {where} vs torch on cpu: max abs difference "
+              f"{worst:.1e}")
+        if not worst <= OCCLUSION_TOLERANCE:
+            problems.append(f"occlusion {backend} on {where}: {errors}")
     return problems
 
 

@@ -21,7 +21,14 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from store.h5io import STRING_DTYPE, add_coordinate, open_for_reading, read_strings
+from store.h5io import (
+    ROOM,
+    STRING_DTYPE,
+    add_coordinate,
+    array_bytes,
+    open_for_reading,
+    read_strings,
+)
 from store.result_target import replaced_group
 
 FEATURES_GROUP = "features"
@@ -81,7 +88,8 @@ _PIXELS = {
 
 def write_feature_evolution(path: Path, result: FeatureEvolution) -> None:
     """Store ``result`` as ``/features/<layer>`` of a run or results file (atomic)."""
-    with replaced_group(path, FEATURES_GROUP, result.layer) as group:
+    with replaced_group(path, FEATURES_GROUP, result.layer,
+                        room=ROOM + 2 * array_bytes(result)) as group:
         _write(group, result)
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from store.h5io import add_coordinate, open_for_reading
+from store.h5io import ROOM, add_coordinate, array_bytes, open_for_reading
 from store.result_target import replaced_group
 
 FILTERS_GROUP = "filters"
@@ -68,7 +68,8 @@ _VARIABLES = {  # name: (dtype, long_name)
 
 def write_filter_evolution(path: Path, result: FilterEvolution) -> None:
     """Store ``result`` as ``/filters/<layer>`` of a run or results file (atomic replacement)."""
-    with replaced_group(path, FILTERS_GROUP, result.layer) as group:
+    with replaced_group(path, FILTERS_GROUP, result.layer,
+                        room=ROOM + 2 * array_bytes(result)) as group:
         group.attrs.update({
             "long_name": "filter dissimilarity over the epochs (docs/METHOD.md §5)",
             "layer": result.layer, "against": int(result.against),

@@ -25,7 +25,7 @@ import os
 import re
 import shutil
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 import h5py
@@ -167,6 +167,12 @@ def replace_atomically(path: Path, locked: bool = True, room: int = ROOM) -> Ite
             temporary_path.unlink(missing_ok=True)
 
 
+def array_bytes(record: object) -> int:
+    """The bytes of the NumPy arrays among ``record``'s attributes (a dataclass of results):
+    the ``room`` to reserve when they go into a file."""
+    return sum(value.nbytes for value in vars(record).values() if isinstance(value, np.ndarray))
+
+
 def remove_stale_copies(path: Path) -> None:
     """Delete copies that a writer killed inside :func:`replace_atomically` left behind."""
     path = Path(path)
@@ -239,3 +245,20 @@ def require_datasets(path: Path, group: h5py.Group, names: Sequence[str]) -> h5p
 def read_strings(dataset: h5py.Dataset) -> list[str]:
     """Read a 1-D string dataset as a list of Python strings."""
     return [v.decode() if isinstance(v, bytes) else str(v) for v in dataset[()]]
+
+
+def write_epoch_row(path: Path, group_name: str, epoch: int,
+                    values: Mapping[str, object]) -> None:
+    """Write one epoch's row of a group's pre-allocated variables in place, under the writer
+    lock, then (flushed after them) its ``computed`` flag: a reader sees the row whole or not
+    at all. Text values are stored as bytes."""
+    with update_in_place(Path(path)) as handle:
+        group = handle[group_name]
+        rows = np.flatnonzero(group["epoch"][()] == epoch)
+        if len(rows) != 1:
+            raise InputError(f"epoch {epoch} has no row in {path}:/{group_name}")
+        row = int(rows[0])
+        for name, value in values.items():
+            group[name][row] = value.encode() if isinstance(value, str) else value
+        handle.flush()
+        group["computed"][row] = 1

@@ -13,6 +13,8 @@ from store.errors import InputError
 from store.feature_results import describe_features
 from store.filter_results import describe_filters
 from store.h5io import open_for_reading
+from store.occlusion import GROUP as OCCLUSION_GROUP
+from store.occlusion import describe_occlusion
 from store.results import DATASETS, stored_settings
 from store.series import WRITABLE_FORMATS, read_extract
 
@@ -41,6 +43,8 @@ def describe_file(path: Path) -> dict:
         }
         summary["features"] = describe_features(handle)
         summary["filters"] = describe_filters(handle)
+        summary["occlusion"] = {name: describe_occlusion(group) for name, group
+                                in handle.get(OCCLUSION_GROUP, {}).items()}
         provenance = handle.get("provenance")
         if provenance is not None:
             summary["provenance"] = {key: str(value) for key, value in provenance.attrs.items()}
@@ -115,6 +119,7 @@ def format_summary(summary: dict) -> str:
                      f"maps over all epochs; {settings}, devices {', '.join(group['devices'])}")
     if not summary["reaction"]:
         lines.append("reaction: none computed yet")
+    lines += _occlusion_lines(summary["occlusion"])
     lines.append(f"extract: {len(summary['extract'])} rows" if summary["extract"]
                  else "extract: none")
     lines += _extract_lines(summary["extract"])
@@ -134,6 +139,21 @@ def _analysis_lines(summary: dict) -> list[str]:
         lines.append(f"filters/{layer}: {group['epochs']} epochs "
                      f"{group['first_epoch']}–{group['last_epoch']}, {group['filters']} "
                      f"filters, against epoch {group['against']}")
+    return lines
+
+
+def _occlusion_lines(groups: dict[str, dict]) -> list[str]:
+    """One line per ``/occlusion/<split>`` group (none when the file has no occlusion maps)."""
+    lines = []
+    for split, group in groups.items():
+        settings = group["settings"]
+        epochs = ", ".join(map(str, group["computed_epochs"])) or "none"
+        rows, cols = group["positions"]
+        lines.append(f"occlusion/{split}: epochs {epochs}, {group['images']} images, patch "
+                     f"{settings['patch']}, stride {settings['stride']}, fill "
+                     f"{settings['fill']:.4g} ({settings['fill_source']}), {rows}x{cols} "
+                     f"positions; backend {settings['backend']}, devices "
+                     f"{', '.join(group['devices'])}")
     return lines
 
 

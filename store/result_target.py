@@ -10,7 +10,7 @@ from pathlib import Path
 import h5py
 
 from store.errors import InputError
-from store.h5io import open_for_reading, replace_atomically
+from store.h5io import ROOM, open_for_reading, replace_atomically
 from store.results import create_results_file
 from store.series import WRITABLE_FORMATS
 
@@ -34,15 +34,16 @@ def results_target(run_file: Path | None, results: Path | None,
 
 
 @contextlib.contextmanager
-def replaced_group(path: Path, parent: str, name: str) -> Iterator[h5py.Group]:
+def replaced_group(path: Path, parent: str, name: str, room: int = ROOM) -> Iterator[h5py.Group]:
     """A new, empty group ``/<parent>/<name>`` of a run or results file, replacing any group
-    of that name; the whole change is one atomic replacement under the writer lock."""
+    of that name; the whole change is one atomic replacement under the writer lock, with
+    ``room`` bytes (an upper estimate of the new group) reserved first."""
     path = Path(path)
     with open_for_reading(path) as handle:
         if handle.attrs.get("format") not in WRITABLE_FORMATS:
             raise InputError(f"{path} is not a reaction run or results file: refusing to "
                              f"write /{parent}")
-    with replace_atomically(path) as handle:
+    with replace_atomically(path, room=room) as handle:
         group = handle.require_group(parent)
         if name in group:
             del group[name]

@@ -40,6 +40,7 @@ from store.h5io import (
     replace_atomically,
     require_datasets,
     update_in_place,
+    write_epoch_row,
 )
 from store.spec import SPEC_KEYS
 
@@ -241,19 +242,9 @@ def computed_checkpoints(path: Path, split: str) -> dict[int, str]:
 
 def write_epoch_result(path: Path, split: str, result: EpochResult) -> None:
     """Store one checkpoint's results in place; the ``computed`` flag goes last."""
-    with update_in_place(Path(path)) as handle:
-        group = handle[f"{GROUP}/{split}"]
-        rows = np.flatnonzero(group["epoch"][()] == result.epoch)
-        if len(rows) != 1:
-            raise InputError(f"epoch {result.epoch} has no row in {path}:/{GROUP}/{split}")
-        row = int(rows[0])
-        for name in _ROW_VARIABLES:
-            if name == "computed":
-                continue
-            value = getattr(result, name)
-            group[name][row] = value.encode() if isinstance(value, str) else value
-        handle.flush()
-        group["computed"][row] = 1
+    write_epoch_row(path, f"{GROUP}/{split}", result.epoch,
+                    {name: getattr(result, name) for name in _ROW_VARIABLES
+                     if name != "computed"})
 
 
 def read_split_results(path: Path, split: str) -> dict[str, np.ndarray]:
