@@ -24,7 +24,7 @@ from store.runfile import read_run_info, read_training_curves
 from tests.conftest import ROOT, script
 
 pytestmark = pytest.mark.slow
-EPOCHS = 8
+EPOCHS = 5
 
 
 class SmallDisk:
@@ -96,7 +96,7 @@ def reference(tmp_path_factory) -> Path:
 
 def test_a_trainer_on_a_full_disk_stops_with_one_line_and_resumes_once_there_is_room(
         tmp_path, reference):
-    with small_disk(tmp_path, 420_000) as disk:  # room for a few epochs of the 8
+    with small_disk(tmp_path, 420_000) as disk:  # room for a few epochs of the 5
         out = disk.folder / "run"
         full = disk.run("trainer", "run", "--out", str(out), "--epochs", str(EPOCHS), "-q")
         assert_one_line(full, "no room to write" if disk.mounted else "file-size limit",
@@ -152,7 +152,7 @@ def test_a_file_size_limit_is_one_line_naming_the_file(tmp_path, reference):
     out = tmp_path / "run"
     shutil.copytree(reference, out, ignore=shutil.ignore_patterns("*.lock"))
     results = tmp_path / "results.h5"
-    limit = 20_000  # bytes: below any results file of 8 epochs
+    limit = 20_000  # bytes: below any results file of 5 epochs
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     limited = subprocess.run(
         [*script("analyzer"), "reaction", "--ckpt-dir", str(out / "checkpoints"), "--out",

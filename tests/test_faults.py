@@ -273,11 +273,11 @@ def fault_suite(work: Path, kills: int, seed: int = 0) -> Tally:
 
 @pytest.mark.slow
 def test_the_fault_suite(tmp_path, capsys):
-    tally = fault_suite(tmp_path, kills=5, seed=1)
+    tally = fault_suite(tmp_path, kills=4, seed=1)
     with capsys.disabled():
         print(f"\n{tally.line()}")
     assert tally.identical == tally.compared == 2
-    assert sum(tally.kills.values()) >= 5  # of 10 tries: a few runs end before their kill
+    assert sum(tally.kills.values()) >= 4  # of 8 tries: a few runs end before their kill
     assert tally.bad_inputs == 7
 
 
