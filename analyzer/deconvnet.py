@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
-from analyzer.torch_backend import _eval_mode, _frozen_parameters
+from analyzer.torch_backend import _eval_mode, _frozen_parameters, check_feature_map
 from store.errors import InputError
 
 _RELU_NAMES = {"relu", "relu_"}
@@ -102,10 +102,7 @@ class _Capture:
         self.output: Tensor | None = None
 
     def __call__(self, module: nn.Module, inputs: tuple, output: object) -> None:
-        if not isinstance(output, Tensor) or output.dim() != 4:
-            shape = tuple(output.shape) if isinstance(output, Tensor) else type(output).__name__
-            raise InputError(f"layer {self.layer!r} gives {shape}, not a feature map "
-                             "[batch, channels, height, width]: choose a convolutional layer")
+        check_feature_map(self.layer, output)
         self.output = output
         raise _LayerReached
 

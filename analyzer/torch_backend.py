@@ -45,6 +45,14 @@ def find_layer(model: nn.Module, name: str) -> nn.Module:
     raise InputError(f"layer {name!r} does not exist in the model{hint}")
 
 
+def check_feature_map(layer: str, output: object) -> None:
+    """InputError unless ``layer``'s output is a feature map ``[batch, channels, H, W]``."""
+    if not isinstance(output, Tensor) or output.dim() != 4:
+        shape = tuple(output.shape) if isinstance(output, Tensor) else type(output).__name__
+        raise InputError(f"layer {layer!r} gives {shape}, not a feature map "
+                         "[batch, channels, height, width]: choose a convolutional layer")
+
+
 class _ActivationCapture:
     """Forward hook that cuts the graph at the layer and keeps its output as a leaf."""
 
@@ -53,10 +61,7 @@ class _ActivationCapture:
         self.activation: Tensor | None = None
 
     def __call__(self, module: nn.Module, inputs: tuple, output: Tensor) -> Tensor:
-        if not isinstance(output, Tensor) or output.dim() != 4:
-            shape = tuple(output.shape) if isinstance(output, Tensor) else type(output).__name__
-            raise InputError(f"layer {self.layer_name!r} gives {shape}, not a feature map "
-                             "[batch, channels, height, width]: choose a convolutional layer")
+        check_feature_map(self.layer_name, output)
         self.activation = output.detach().requires_grad_(True)
         # A copy goes downstream, so an in-place op after the layer cannot alter A.
         return self.activation.clone()
