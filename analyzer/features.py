@@ -33,7 +33,7 @@ from analyzer.plan import parse_epochs
 from analyzer.torch_backend import TorchBackend, _eval_mode, find_layer
 from store.errors import InputError
 from store.feature_results import FeatureEvolution, read_feature_evolutions
-from store.model_files import CheckpointFile, discover_checkpoints
+from store.model_files import CheckpointFile
 
 logger = logging.getLogger(__name__)
 
@@ -133,11 +133,10 @@ class FeatureRun:
 
 def compute_features(options: FeatureOptions) -> FeatureRun:
     """Search, project and measure each chosen channel at each chosen epoch."""
-    _refuse_onnx_only(options.ckpt_dir)
     analysis = set_up_pass(PassRequest(
         ckpt_dir=options.ckpt_dir, run=options.run, model=options.model, layer=options.layer,
         data=options.data, image_size=options.image_size, channels=options.input_channels,
-        splits=[options.split], device=options.device, backend="torch"))
+        splits=[options.split], device=options.device, backend="torch", onnx_weights=True))
     chosen = _chosen_checkpoints(analysis.checkpoints, options.epochs)
     if not analysis.inputs.splits:
         raise InputError(f"the {options.split} split has no images")
@@ -199,13 +198,6 @@ def _column(backend: TorchBackend, module: nn.Module, layer: str, images: torch.
     return _Cells(best.image.cpu().numpy(), best.value.cpu().numpy(), best.row.cpu().numpy(),
                   best.col.cpu().numpy(), patch.numpy(), projection.pixels.cpu().numpy(),
                   projection.rectifiers)
-
-
-def _refuse_onnx_only(folder: Path) -> None:
-    checkpoints, _ = discover_checkpoints(folder)
-    if all(c.path.suffix.lower() == ".onnx" for c in checkpoints):
-        raise InputError(f"{folder} holds ONNX checkpoints only: the deconvnet projection "
-                         "needs the PyTorch checkpoints they were exported from")
 
 
 def _channel_count(model, module, layer: str, image: torch.Tensor) -> int:

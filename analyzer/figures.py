@@ -27,7 +27,7 @@ from matplotlib.figure import Figure
 from analyzer.extract import DEFAULT_WINDOW, SWEEP_THRESHOLDS, sweep
 from store.errors import InputError
 from store.files import write_atomically
-from store.results import read_split_results, result_splits
+from store.results import read_results_classes, read_split_results, result_splits
 from store.runfile import read_provenance, read_run_info, read_training_curves
 from store.series import DEFAULT_SERIES, HDF5_TEST_SERIES, Series, read_series, series_names
 
@@ -89,10 +89,11 @@ def load_run(path: Path) -> RunData:
     try:
         info = read_run_info(path)
     except InputError:
-        if not reaction:
+        classes = [str(name) for name in next(iter(reaction.values()))["class"]] if reaction \
+            else read_results_classes(path)  # only occlusion, features or filters, maybe
+        if classes is None:
             raise InputError(f"{path} is neither a run file nor a file with Reaction results") \
                 from None
-        classes = [str(name) for name in next(iter(reaction.values()))["class"]]
         return RunData(path, _run_label("results", path), classes, reaction, series=series)
     model_name = json.loads(info.model).get("name", "model")
     curves = read_training_curves(path)

@@ -125,6 +125,8 @@ def resolve_network(*, first_checkpoint: CheckpointFile, run_file: Path | None,
     class_names = _class_names(info, metadata, data, required=require_class_names)
     if image_size is None and spec is not None:
         image_size = spec.image_size
+    if image_size is None and "image_size" in metadata:  # an ONNX file's input shape
+        image_size, channels = _metadata_shape(metadata, first_checkpoint, channels)
     if channels is None:
         channels = spec.in_channels if spec is not None else 1
     if image_size is None:
@@ -176,9 +178,21 @@ def _size(size: tuple[int, int]) -> str:
 
 
 def _checkpoint_metadata(checkpoint: CheckpointFile) -> dict[str, str]:
-    if checkpoint.path.suffix != ".safetensors":
+    if checkpoint.path.suffix.lower() not in (".safetensors", ".onnx"):
         return {}
     return load_weights_file(checkpoint.path).metadata
+
+
+def _metadata_shape(metadata: dict[str, str], checkpoint: CheckpointFile,
+                    channels: int | None) -> tuple[tuple[int, int], int | None]:
+    """``image_size`` (``HxW``) and ``channels`` of a file's metadata (docs/ONNX.md)."""
+    try:
+        height, width = (int(side) for side in metadata["image_size"].split("x"))
+        return (height, width), channels or int(metadata.get("channels", 1))
+    except ValueError:
+        raise InputError(f"{checkpoint.path.name}: metadata image_size must be HxW and "
+                         f"channels a number, got {metadata['image_size']!r} and "
+                         f"{metadata.get('channels')!r}") from None
 
 
 def _class_names(info: RunInfo | None, metadata: dict[str, str],

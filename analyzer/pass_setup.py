@@ -26,7 +26,9 @@ class PassRequest:
     """What the user asked for (None: as the files or the run say).
 
     ``awaiting`` marks a follower: checkpoints whose ONNX twin is not written yet are waited
-    for instead of refused.
+    for instead of refused. ``onnx_weights`` lets the torch backend read a folder of ONNX
+    checkpoints as the weights of the PyTorch network they were exported from (for analyses
+    that need the network itself, such as the deconvnet of ``analyzer features``).
     """
 
     ckpt_dir: Path
@@ -42,6 +44,7 @@ class PassRequest:
     device: str = "auto"
     backend: str = "auto"
     awaiting: bool = False
+    onnx_weights: bool = False
 
 
 @dataclass
@@ -88,7 +91,8 @@ def set_up_pass(request: PassRequest, defaults: Mapping[str, str] | None = None)
         spec = ReactionSpec(inputs.layer, request.score or defaults.get("score", "logit"),
                             request.target or defaults.get("target", "label"))
     device = kind.device(request.device)
-    suffixes = kind.native_suffixes if native else backend_kind("torch").native_suffixes
+    suffixes = kind.native_suffixes if native else (".onnx",) if kind.name == "torch" \
+        else backend_kind("torch").native_suffixes
     return Pass(checkpoints, ignored, run_file, inputs, spec,
                 kind(BackendSetup(inputs, spec, device, native)), suffixes)
 
@@ -113,6 +117,10 @@ def _choose_files(request: PassRequest
         found = _discover(request.ckpt_dir, torch_suffixes)
         if found is not None:
             return kind.name, False, *found
+    if request.backend == "torch" and request.onnx_weights:
+        found = _discover(request.ckpt_dir, (".onnx",))
+        if found is not None:
+            return "torch", False, *found
     if request.backend == "torch" and any(
             path.suffix.lower() == ".onnx" for path in Path(request.ckpt_dir).iterdir()):
         raise InputError(f"{request.ckpt_dir} holds ONNX checkpoints only: they run on the "

@@ -27,7 +27,6 @@ from store.model_files import (
     CheckpointFile,
     LoadedWeights,
     load_weights_file,
-    strip_common_prefix,
 )
 from store.spec import ReactionSpec
 from trainer.devices import resolve_device
@@ -301,11 +300,11 @@ class TorchKind(BackendKind):
         name = loaded.checkpoint.path.name
         if weights.module is not None:
             return TorchBackend(weights.module, self.setup.spec, self.setup.device)
-        if weights.state_dict is None or self._shared is None:
+        if (weights.state_dict is None and weights.graph_weights is None) or \
+                self._shared is None:
             raise InputError(f"{name}: cannot load it into the model: give --model")
-        expected = set(self._shared.model.state_dict())
         try:
-            self._shared.load_weights(strip_common_prefix(weights.state_dict, expected))
+            self._shared.load_weights(weights.weights_for(self._shared.model.state_dict()))
         except InputError as error:
             raise InputError(f"{name}: {error}") from None
         return self._shared

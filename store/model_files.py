@@ -23,6 +23,7 @@ import zlib
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
+import numpy as np
 import torch
 
 from store.checkpoints import load_checkpoint
@@ -45,11 +46,26 @@ class CheckpointFile:
 
 @dataclass
 class LoadedWeights:
-    """What a checkpoint file yields: weights for a model the caller builds, or a program."""
+    """What a checkpoint file yields: weights for a model the caller builds, or a program.
+
+    An ONNX file yields its graph's initializers (``graph_weights``): the weights of the
+    network it was exported from under their PyTorch names, beside the graph's constants.
+    """
 
     state_dict: dict[str, torch.Tensor] | None
     module: torch.nn.Module | None
     metadata: dict[str, str] = field(default_factory=dict)
+    graph_weights: dict[str, np.ndarray] | None = None
+
+    def weights_for(self, expected: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The weights to load into a network whose state dict is ``expected``."""
+        if self.graph_weights is not None:
+            from store.onnx_weights import state_dict_from_onnx
+
+            return state_dict_from_onnx(self.graph_weights, expected)
+        if self.state_dict is None:
+            raise InputError("it holds a program, not weights for a network")
+        return strip_common_prefix(self.state_dict, set(expected))
 
 
 def checkpoint_epoch(name: str) -> int | None:
@@ -116,7 +132,10 @@ def load_weights_file(path: Path) -> LoadedWeights:
         state_dict, metadata = load_checkpoint(path)
         return LoadedWeights(state_dict, None, metadata)
     if suffix == ".onnx":
-        raise InputError(f"{path} is an ONNX model: it runs on the onnx backend")
+        from store.onnx_weights import read_onnx_weights
+
+        graph = read_onnx_weights(path)
+        return LoadedWeights(None, None, graph.metadata, graph.initializers)
     if suffix not in (*_PICKLE_SUFFIXES, ".pt2"):
         raise InputError(f"{path}: unsupported checkpoint type {suffix or '(no suffix)'}; "
                          f"expected one of {', '.join(CHECKPOINT_SUFFIXES)}")

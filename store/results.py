@@ -107,6 +107,14 @@ def create_results_file(path: Path, class_names: Sequence[str]) -> None:
                              "classes": json.dumps(list(class_names))})
 
 
+def read_results_classes(path: Path) -> list[str] | None:
+    """The class names of a stand-alone results file; None for any other file."""
+    with open_for_reading(Path(path)) as handle:
+        if handle.attrs.get("format") != RESULTS_FORMAT or "classes" not in handle.attrs:
+            return None
+        return [str(name) for name in json.loads(handle.attrs["classes"])]
+
+
 def check_results_target(path: Path, class_names: Sequence[str],
                          images: dict[str, SplitImages]) -> None:
     """Refuse to write results into a file that is not a run or results file, or that

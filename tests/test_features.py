@@ -232,9 +232,6 @@ def test_features_command_stores_the_group_and_draws_the_grid(trained, tmp_path)
 
 
 def test_bad_options_are_one_line(trained, tmp_path):
-    onnx_only = tmp_path / "onnx"
-    onnx_only.mkdir()
-    (onnx_only / "epoch_0001.onnx").write_bytes(b"not really")
     for arguments, message in (
             (["--channels", "0:99:50"], "Error: --channels 0:99:50: the layer has channels "
                                         "0–31"),
@@ -248,11 +245,70 @@ def test_bad_options_are_one_line(trained, tmp_path):
                                                "--device", "cpu", *arguments])
         assert result.exit_code == 1
         assert result.output.strip().splitlines()[-1] == message
-    result = CliRunner().invoke(analyzer, ["features", "--ckpt-dir", str(onnx_only)])
-    assert result.exit_code == 1
-    assert result.output.strip() == (
-        f"Error: {onnx_only} holds ONNX checkpoints only: the deconvnet projection needs the "
-        "PyTorch checkpoints they were exported from")
+
+
+@pytest.fixture(scope="module")
+def exported(trained, tmp_path_factory) -> Path:
+    """Epochs 1 and 3 of ``trained`` as ONNX files only (analyzer export-onnx)."""
+    out = tmp_path_factory.mktemp("onnx_only")
+    result = CliRunner().invoke(analyzer, ["export-onnx", "--ckpt-dir",
+                                           str(trained / "checkpoints"), "--epochs", "1,3",
+                                           "--out", str(out), "-q"])
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in out.iterdir()) == ["epoch_0001.onnx", "epoch_0003.onnx"]
+    return out
+
+
+def test_onnx_checkpoints_give_what_their_safetensors_give(trained, exported):
+    options = {"epochs": "1,3", "channels": "0:32:5", "device": "cpu", "batch_size": 300,
+               "run": trained / "run.h5"}
+    from_onnx = compute_features(FeatureOptions(ckpt_dir=exported, **options)).evolution
+    reference = compute_features(FeatureOptions(ckpt_dir=trained / "checkpoints",
+                                                **options)).evolution
+    assert from_onnx.checkpoint_files == ["epoch_0001.onnx", "epoch_0003.onnx"]
+    assert from_onnx.epochs.tolist() == [1, 3]
+    # the same float32 weights in the same network: the same numbers, bit for bit
+    for name in ("image", "position_row", "position_col", "patch", "activation", "projection"):
+        np.testing.assert_array_equal(getattr(from_onnx, name), getattr(reference, name))
+
+
+def test_onnx_checkpoints_that_cannot_be_rebuilt_are_one_line(trained, exported, tmp_path):
+    import onnx
+
+    cases = {"garbage": b"not really"}
+    model = onnx.load(exported / "epoch_0001.onnx")
+    anonymous = onnx.ModelProto()
+    anonymous.CopyFrom(model)
+    kept = [entry for entry in anonymous.metadata_props if entry.key != "model"]
+    del anonymous.metadata_props[:]
+    anonymous.metadata_props.extend(kept)
+    cases["anonymous"] = anonymous.SerializeToString()
+    for tensor in model.graph.initializer:  # as if batch norm had been folded away
+        if tensor.name == "features.1.running_var":
+            tensor.name = "folded"
+    for node in model.graph.node:
+        node.input[:] = ["folded" if name == "features.1.running_var" else name
+                         for name in node.input]
+    cases["folded"] = model.SerializeToString()
+    messages = {
+        "garbage": "is corrupt or truncated",
+        "anonymous": "epoch_0001.onnx does not say which network it holds: give --model",
+        "folded": "epoch_0001.onnx: its ONNX weights do not fit the model (missing "
+                  "features.1.running_var): give the --model it was exported from"}
+    run = tmp_path / "run" / "run.h5"  # names the model: left out for the anonymous file
+    run.parent.mkdir()
+    shutil.copy(trained / "run.h5", run)
+    for case, payload in cases.items():
+        folder = tmp_path / case
+        folder.mkdir()
+        (folder / "epoch_0001.onnx").write_bytes(payload)
+        result = CliRunner().invoke(analyzer, [
+            "features", "--ckpt-dir", str(folder), "--device", "cpu",
+            *([] if case == "anonymous" else ["--run", str(run)])])
+        assert result.exit_code == 1, (case, result.output)
+        lines = result.output.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("Error: "), (case, result.output)
+        assert messages[case] in lines[0], (case, lines[0])
 
 
 def test_default_epochs_follow_seed_003():

@@ -445,6 +445,10 @@ def test_without_a_run_file_the_maps_need_a_results_file(run, tmp_path):
     assert result.exit_code == 0, result.output
     assert read_occlusion(tmp_path / "m.h5", "train").images.ids == [
         f"{label}/0.png" for label in range(8)]
+    # a results file that holds occlusion maps only still makes a report of them
+    page = write_report(ReportOptions(runs=[tmp_path / "m.h5"], out=tmp_path / "report",
+                                      cam=False)).read_text()
+    assert '<figure id="occlusion_1_grid">' in page and 'id="curves"' in page
 
 
 @pytest.mark.slow
