@@ -229,7 +229,8 @@ def _session(file: OnnxFile, device: torch.device, threads: int | None = None):
     if device.type == "cuda":
         providers = [(_CUDA, {"device_id": device.index or 0,
                               # one conv algorithm search per session would dominate
-                              "cudnn_conv_algo_search": "HEURISTIC"}), _CPU]
+                              "cudnn_conv_algo_search": "HEURISTIC",
+                              "use_tf32": "0"}), _CPU]  # float32, as the torch backend
     source = file.payload if file.payload is not None else str(file.path)
     try:
         return ort.InferenceSession(source, sess_options=session_options(threads=threads),

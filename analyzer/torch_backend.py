@@ -14,6 +14,7 @@ import contextlib
 import difflib
 import logging
 from collections.abc import Iterator
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor, nn
@@ -115,6 +116,9 @@ class TorchBackend:
         on_cpu = self.device.type == "cpu"
         self.channels_last = bool(channels_last) and on_cpu
         self._layout_undecided = channels_last is None and on_cpu
+        if self.device.type == "cuda":  # float32 as on a CPU: no TF32 in convs or matmuls
+            torch.backends.cudnn.conv.fp32_precision = "ieee"
+            torch.backends.cuda.matmul.fp32_precision = "ieee"
         memory_format = torch.channels_last if self.channels_last else torch.preserve_format
         self.model = model.to(self.device, memory_format=memory_format)
         self.layer = spec.layer
@@ -290,13 +294,16 @@ class TorchKind(BackendKind):
         return resolve_device(requested)
 
     def load(self, checkpoint: CheckpointFile) -> LoadedCheckpoint:
-        """Read the weights (or program) and hash the file."""
-        return LoadedCheckpoint(checkpoint, sha256_file(checkpoint.path),
-                                load_weights_file(checkpoint.path))
+        """Read the weights (or program) and hash the file; on a GPU, start copying the
+        weights to it (pinned memory, a side stream: the copy overlaps the computation of
+        the checkpoint before)."""
+        weights = load_weights_file(checkpoint.path)
+        staged = _StagedWeights.start(weights, self.setup.device)
+        return LoadedCheckpoint(checkpoint, sha256_file(checkpoint.path), staged)
 
     def backend(self, loaded: LoadedCheckpoint) -> TorchBackend:
         """The shared network with this checkpoint's weights, or its own program."""
-        weights: LoadedWeights = loaded.content
+        weights = loaded.content.arrived()
         name = loaded.checkpoint.path.name
         if weights.module is not None:
             return TorchBackend(weights.module, self.setup.spec, self.setup.device)
@@ -308,3 +315,41 @@ class TorchKind(BackendKind):
         except InputError as error:
             raise InputError(f"{name}: {error}") from None
         return self._shared
+
+
+@dataclass
+class _StagedWeights:
+    """A checkpoint's weights, on a CUDA device already copied (or being copied) to it.
+
+    The loading thread pins each tensor and copies it with ``non_blocking=True`` on a stream
+    of its own, then records an event; :meth:`arrived`, in the computing thread, makes the
+    computing stream wait for that event (on the GPU, not the host) and marks the tensors as
+    used by it, so the caching allocator cannot hand their memory out early. Elsewhere the
+    weights stay as they were read.
+    """
+
+    weights: LoadedWeights
+    device: torch.device | None = None
+    ready: torch.cuda.Event | None = None
+
+    @classmethod
+    def start(cls, weights: LoadedWeights, device: torch.device) -> _StagedWeights:
+        """Begin the copy of ``weights.state_dict`` to ``device`` (only a CUDA one)."""
+        if device.type != "cuda" or weights.state_dict is None:
+            return cls(weights)
+        stream = torch.cuda.Stream(device)
+        with torch.cuda.stream(stream):
+            moved = {key: value.pin_memory().to(device, non_blocking=True)
+                     for key, value in weights.state_dict.items()}
+        ready = torch.cuda.Event()
+        ready.record(stream)
+        return cls(replace(weights, state_dict=moved), device, ready)
+
+    def arrived(self) -> LoadedWeights:
+        """The weights, usable by work queued on the current stream from now on."""
+        if self.ready is not None:
+            current = torch.cuda.current_stream(self.device)
+            current.wait_event(self.ready)
+            for tensor in self.weights.state_dict.values():
+                tensor.record_stream(current)
+        return self.weights

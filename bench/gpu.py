@@ -9,8 +9,14 @@ one process, on whatever device is there:
    (I/O binding); each results file is compared with the reference: per-image Reaction within
    rel. 1e-4, identical empty maps and predictions, accuracy equal, loss within rel. 1e-4;
    then ``analyzer occlusion`` the same four ways, its maps within 1e-5 of torch on the CPU's;
-2. speed: Model IV with random weights (as ``bench/reaction.py``), 1024 images of 1×50×200,
-   ``TorchBackend`` and ``OnnxBackend`` on the device, images/s and agreement.
+2. speed: every thesis model (I–VI, 1×50×200) and the demo's (``small``, 1×8×8) with random
+   weights (as ``bench/reaction.py``), 1024 images each, ``TorchBackend`` and ``OnnxBackend``
+   on the device: images/s, their share of the device's float32 peak (FLOPs per image counted
+   by ``torch.utils.flop_counter`` on what the backend computes; the peak measured on a large
+   float32 matrix product, TF32 off, as the backends run), and agreement. The batches run
+   under ``torch.cuda.set_sync_debug_mode("error")``, so a backend that waits for the GPU
+   inside a batch fails; a backend whose weights are not on the GPU, or an ONNX session that
+   fell back to the CPU provider, is reported as a problem and never timed as a GPU figure.
 
 Exit status 0 when every comparison holds, 1 when one does not, 3 when ``--require-cuda`` is
 given and CUDA is not usable (so that a silent CPU fallback cannot pass for a GPU check).
@@ -25,6 +31,7 @@ scripts are then started as ``python -c "import cli; cli.trainer()"``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
 import subprocess
@@ -54,7 +61,7 @@ from tests.test_onnx import (  # noqa: E402
     digits_split,
     map_extent,
 )
-from trainer.models import gradcam_layer  # noqa: E402
+from trainer.models import ModelSpec, build_model, gradcam_layer  # noqa: E402
 
 
 def console(name: str, *args: str) -> float:
@@ -169,60 +176,151 @@ def occlusion_end_to_end(run: Path, work: Path, ways: list[tuple[str, str]]) -> 
     return problems
 
 
+# Every thesis model at the thesis's input size, and the demo's model at its own.
+SPEED_MODELS = {**{f"model{k}": (IMAGE_SIZE, 13) for k in range(1, 7)}, "small": ((8, 8), 10)}
+
+
+def speed_model(name: str) -> torch.nn.Module:
+    """A zoo model with random weights and batch-norm statistics (as ``bench/reaction.py``)."""
+    if name != "small":
+        return random_model(name)
+    size, classes = SPEED_MODELS[name]
+    torch.manual_seed(0)
+    return build_model(ModelSpec(name, 1, size, classes)).eval()
+
+
+def flops_per_image(backend: TorchBackend, images: torch.Tensor, labels: torch.Tensor) -> float:
+    """Floating-point operations the backend does per image (forward, and the backward from
+    the scores to the layer), counted by torch's ``FlopCounterMode`` on two images."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        backend.compute_batch(images[:2], labels[:2])
+    return counter.get_total_flops() / 2
+
+
+def matmul_peak(device: str, size: int = 8192, repeats: int = 10) -> float:
+    """The device's measured float32 FLOP/s on a large matrix product (no TF32)."""
+    a = torch.rand(size, size, device=device)
+    b = torch.rand(size, size, device=device)
+    torch.mm(a, b)
+    synchronize(device)
+    began = time.perf_counter()
+    for _ in range(repeats):
+        torch.mm(a, b)
+    synchronize(device)
+    return 2 * size**3 * repeats / (time.perf_counter() - began)
+
+
+def synchronize(device: str) -> None:
+    """Wait for the device's queued work (a no-op on a CPU)."""
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
 def timed(compute, images: torch.Tensor, labels: torch.Tensor, batch: int, device: str,
           rounds: int = 3) -> tuple[float, torch.Tensor, torch.Tensor]:
-    """Median images/s of ``compute`` over the images in batches; Reaction and empty flags."""
-    def synchronize() -> None:
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
+    """Median images/s of ``compute`` over the images in batches; Reaction and empty flags.
 
+    On CUDA the batches run under ``torch.cuda.set_sync_debug_mode("error")``: a backend that
+    waits for the GPU inside a batch (an ``.item()``, a host copy) fails here instead of
+    being timed.
+    """
     def once() -> tuple[torch.Tensor, torch.Tensor]:
-        results = [compute(images[start:start + batch], labels[start:start + batch])
-                   for start in range(0, len(images), batch)]
-        return (torch.cat([result.reaction for result in results]),
-                torch.cat([result.empty for result in results]))
+        with _no_host_sync(device):
+            results = [compute(images[start:start + batch], labels[start:start + batch])
+                       for start in range(0, len(images), batch)]
+            return (torch.cat([result.reaction for result in results]),
+                    torch.cat([result.empty for result in results]))
 
     once()  # warm-up: kernels, algorithm choice, memory pools
     rates = []
     for _ in range(rounds):
-        synchronize()
+        synchronize(device)
         began = time.perf_counter()
         reaction, empty = once()
-        synchronize()
+        synchronize(device)
         rates.append(len(images) / (time.perf_counter() - began))
     return statistics.median(rates), reaction.cpu(), empty.cpu()
 
 
+@contextlib.contextmanager
+def _no_host_sync(device: str):
+    if not device.startswith("cuda"):
+        yield
+        return
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+def where_it_ran(torch_backend: TorchBackend, onnx_backend: OnnxBackend | None,
+                 device: str) -> list[str]:
+    """Why a figure measured for ``device`` would be a CPU figure; empty when it is not."""
+    if not device.startswith("cuda"):
+        return []
+    problems = []
+    if next(torch_backend.model.parameters()).device.type != "cuda":
+        problems.append("the torch backend's weights are not on the GPU")
+    if onnx_backend is not None and onnx_backend.session.get_providers()[0] != \
+            "CUDAExecutionProvider":
+        problems.append(f"ONNX Runtime fell back to {onnx_backend.session.get_providers()}")
+    return problems
+
+
 def speed(device: str, onnx_on_device: bool, count: int, batch: int) -> list[str]:
-    """Model IV on ``device``: torch backend vs ONNX Runtime backend; the problems."""
-    model = random_model("model4")
-    layer = gradcam_layer("model4")
-    exporter = ReactionGraphExporter(model, ExportSettings(ReactionSpec(layer)), channels=1,
-                                     image_size=IMAGE_SIZE)
-    exporter.load_weights(model.state_dict())
-    file = OnnxFile(Path("model4.onnx"), exporter.model_bytes(), "", exporter.contract)
+    """Every model on ``device``: images/s of both backends and their share of the measured
+    float32 peak; the problems (disagreement, or a figure that ran on the CPU)."""
+    peak = matmul_peak(device) if device.startswith("cuda") else None
+    where = "GPU" if peak else "CPU (not a GPU figure)"
+    print(f"speed on {device}, {where}, {count} images, batch {batch}"
+          + (f"; measured float32 matmul peak {peak / 1e12:.1f} TFLOP/s" if peak else ""))
+    print(f"  {'model':<7} {'MFLOP/img':>9}  {'torch img/s':>11} {'share':>6}  "
+          f"{'onnx img/s':>10} {'share':>6}  agreement")
+    problems = []
+    for name, (size, classes) in SPEED_MODELS.items():
+        problems += _speed_row(name, size, classes, device, onnx_on_device, count, batch,
+                               peak)
+    return problems
+
+
+def _speed_row(name: str, size: tuple[int, int], classes: int, device: str,
+               onnx_on_device: bool, count: int, batch: int, peak: float | None) -> list[str]:
+    model, spec = speed_model(name), ReactionSpec(gradcam_layer(name))
     generator = torch.Generator().manual_seed(1)
-    images = torch.rand(count, 1, *IMAGE_SIZE, generator=generator).to(device)
-    labels = torch.randint(0, 13, (count,), generator=generator).to(device)
-    # channels-last, as the analyzer does for zoo models
-    backend = TorchBackend(model, ReactionSpec(layer), device, channels_last=True)
+    images = torch.rand(count, 1, *size, generator=generator)
+    labels = torch.randint(0, classes, (count,), generator=generator)
+    flops = flops_per_image(TorchBackend(model, spec, "cpu"), images, labels)
+    onnx = None
+    if onnx_on_device or device == "cpu":
+        exporter = ReactionGraphExporter(model, ExportSettings(spec), channels=1,
+                                         image_size=size)
+        exporter.load_weights(model.state_dict())
+        onnx = OnnxBackend(OnnxFile(Path(f"{name}.onnx"), exporter.model_bytes(), "",
+                                    exporter.contract), device)
+    images, labels = images.to(device), labels.to(device)
+    backend = TorchBackend(model, spec, device, channels_last=True)  # as for zoo models
+    problems = [f"{name}: {problem}" for problem in where_it_ran(backend, onnx, device)]
+    if problems:
+        return problems  # never print a CPU figure as a GPU one
     torch_rate, torch_reaction, torch_empty = timed(backend.compute, images, labels, batch,
                                                     device)
-    print(f"model4, {count} images, batch {batch}, on {device}:")
-    print(f"  torch backend: {torch_rate:8.1f} images/s")
-    if not onnx_on_device and device != "cpu":
+    share = (lambda rate: f"{rate * flops / peak:6.1%}") if peak else (lambda rate: "   n/a")
+    row = f"  {name:<7} {flops / 1e6:9.1f}  {torch_rate:11.1f} {share(torch_rate)}  "
+    if onnx is None:
+        print(row + f"{'not run':>10} {'':>6}  (no CUDA provider)")
         return []
-    onnx_rate, onnx_reaction, onnx_empty = timed(OnnxBackend(file, device).compute, images,
-                                                 labels, batch, device)
+    onnx_rate, onnx_reaction, onnx_empty = timed(onnx.compute, images, labels, batch, device)
     same = bool(torch.equal(torch_empty, onnx_empty))
     error = ((torch_reaction - onnx_reaction).abs()
              / torch_reaction.abs().clamp_min(1e-30)).max().item()
-    print(f"  onnx backend:  {onnx_rate:8.1f} images/s = {onnx_rate / torch_rate:.2f}x torch; "
-          f"Reaction max rel. diff {error:.1e}, same empty maps: {same} "
-          f"({int(torch_empty.sum())} of {len(images)})")
-    problems = [] if same else ["model4: not the same empty maps"]
-    return problems + ([f"model4: Reaction differs by {error:.1e}"] if error > REL_TOL
-                       else [])
+    print(row + f"{onnx_rate:10.1f} {share(onnx_rate)}  Reaction max rel. diff {error:.1e}, "
+                f"same empty maps: {same}")
+    problems = [] if same else [f"{name}: not the same empty maps"]
+    return problems + ([f"{name}: Reaction differs by {error:.1e}"] if error > REL_TOL else [])
 
 
 def main() -> int:
@@ -230,7 +328,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--require-cuda", action="store_true",
                         help="fail (exit 3) unless torch and ONNX Runtime can both use CUDA")
-    parser.add_argument("--images", type=int, default=1024)
+    parser.add_argument("--images", type=int, default=1024,
+                        help="images per model for the speed table (try 64 on a CPU)")
     parser.add_argument("--batch", type=int, default=256)
     args = parser.parse_args()
 

@@ -393,7 +393,8 @@ def test_an_images_reaction_does_not_depend_on_its_batch(case_name: str) -> None
     backend = _backend(case)
     backend.load_weights(make_checkpoint(case.build, case.input_shape, case.classes, 41))
     probes, probe_labels = random_batch(5, case.input_shape, case.classes, 41)
-    alone = [backend.compute(probes[i:i + 1], probe_labels[i:i + 1]) for i in range(5)]
+    alone = [backend.compute(probes[i:i + 1], probe_labels[i:i + 1], keep_maps=True)
+             for i in range(5)]
     for batch_size, seed in ((7, 42), (64, 43), (64, 44)):
         companions, labels = random_batch(batch_size, case.input_shape, case.classes, seed)
         positions = torch.randperm(batch_size, generator=torch.Generator().manual_seed(seed))[:5]
@@ -402,8 +403,12 @@ def test_an_images_reaction_does_not_depend_on_its_batch(case_name: str) -> None
         result = backend.compute(companions, labels)
         for probe, position in enumerate(positions.tolist()):
             assert result.empty[position] == alone[probe].empty[0]
+            # another batch size may take another convolution algorithm: equal up to float32
+            # rounding of the map's terms (a Reaction far below its map's largest value is
+            # a difference of such terms)
+            rounding = NEAR_ZERO * float(alone[probe].cam.abs().max())
             assert result.reaction[position].item() == pytest.approx(
-                alone[probe].reaction.item(), rel=1e-6, abs=0.0)
+                alone[probe].reaction.item(), rel=1e-6, abs=rounding)
 
 
 # ---- softmax score: seed 001's empty maps ----------------------------------------------------
@@ -452,7 +457,7 @@ def test_compute_runs_in_eval_mode_and_restores_train_mode_and_parameters() -> N
     buffers = {name: buffer.clone() for name, buffer in model.named_buffers()}
     images, labels = random_batch(50, case.input_shape, case.classes, 61)
 
-    first = backend.compute(images, labels)
+    first = backend.compute(images, labels, keep_maps=True)
     second = backend.compute(images, labels)
 
     assert all(module.training for module in model.modules())
@@ -465,10 +470,8 @@ def test_compute_runs_in_eval_mode_and_restores_train_mode_and_parameters() -> N
     assert torch.equal(first.reaction, second.reaction)
     ref = reference_grad_cam(model, case.layer, images, labels)
     assert model.training
-    nonempty = ~ref.empty
-    assert torch.equal(first.empty, ref.empty)
-    rel = (first.reaction[nonempty].double() - ref.reaction[nonempty]).abs()
-    assert (rel <= REL_TOL * ref.reaction[nonempty]).all()
+    agreement = assert_matches_reference(first.cam, first.reaction, first.empty, ref)
+    assert agreement.compared >= 49 and agreement.max_rel_error <= REL_TOL
 
 
 def test_compute_on_an_eval_model_leaves_it_in_eval_mode() -> None:
