@@ -26,17 +26,19 @@ def main() -> None:
     parser.add_argument("--model", default="model2")
     parser.add_argument("--images", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N")
     options = parser.parse_args()
     torch.manual_seed(0)
     model = build_model(ModelSpec(options.model, 1, (50, 200), 13)).eval()
     spec = ReactionSpec(gradcam_layer(options.model))
-    images = torch.rand(options.images, 1, 50, 200)
-    labels = torch.randint(0, 13, (options.images,))
-    eager = TorchBackend(copy.deepcopy(model), spec, channels_last=True)
-    compiled = TorchBackend(copy.deepcopy(model), spec, channels_last=True)
+    images = torch.rand(options.images, 1, 50, 200).to(options.device)
+    labels = torch.randint(0, 13, (options.images,)).to(options.device)
+    eager = TorchBackend(copy.deepcopy(model), spec, options.device, channels_last=True)
+    compiled = TorchBackend(copy.deepcopy(model), spec, options.device, channels_last=True)
     compiled.model = torch.compile(compiled.model)
     began = time.perf_counter()
     compiled.compute(images, labels)
+    _synchronize(options.device)
     start_up = time.perf_counter() - began
     seconds: dict[str, list[float]] = {"eager": [], "torch.compile": []}
     results = {}
@@ -44,11 +46,13 @@ def main() -> None:
         for name, backend in (("eager", eager), ("torch.compile", compiled)):
             began = time.perf_counter()
             results[name] = backend.compute(images, labels)
+            _synchronize(options.device)
             seconds[name].append(time.perf_counter() - began)
     reference, other = results["eager"], results["torch.compile"]
     difference = ((other.reaction - reference.reaction).abs()
                   / reference.reaction.abs().clamp_min(1e-30)).max().item()
-    print(f"{options.model} 50x200, {options.images} images, {torch.get_num_threads()} threads; "
+    print(f"{options.model} 50x200, {options.images} images on {options.device}, "
+          f"{torch.get_num_threads()} CPU threads; "
           f"torch.compile's first call (compiling): {start_up:.1f} s")
     base = statistics.median(seconds["eager"])
     for name, times in seconds.items():
@@ -57,6 +61,11 @@ def main() -> None:
     print(f"  Reaction max rel. difference {difference:.1e}, same empty maps: "
           f"{bool(torch.equal(other.empty, reference.empty))}; the compile pays back after "
           f"{_payback(start_up, base, statistics.median(seconds['torch.compile']))}")
+
+
+def _synchronize(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
 
 
 def _payback(start_up: float, eager: float, compiled: float) -> str:
