@@ -34,7 +34,7 @@ execution, one layer after another, can reach), each
 tool's images/s and its share of both; then the layers below the ridge point (memory-bound).
 
     .venv-bench/bin/python bench/roofline.py                      # ~5 min on 2 busy cores
-    .venv-bench/bin/python bench/roofline.py --threads 1          # steadier on a busy machine
+    OMP_NUM_THREADS=1 .venv-bench/bin/python bench/roofline.py --threads 1   # steadier when busy
     .venv-bench/bin/python bench/roofline.py --models model4 --layers   # one model, every layer
 """
 
@@ -231,18 +231,19 @@ def compiled(source: str, flags: list[str], folder: Path) -> Path:
     return binary
 
 
-def _measure(command: list[str], unit: str, runs: int = 3) -> float:
-    """The best of ``runs`` runs of a ceiling program, in its printed ``unit``."""
+def _measure(command: list[str], pattern: str, runs: int = 3) -> float:
+    """The best of ``runs`` runs of a ceiling program: the number ``pattern`` finds."""
     values = []
     for _ in range(runs):
         line = subprocess.run(command, capture_output=True, text=True, check=True).stdout
-        values.append(float(re.search(rf"([0-9.]+) {unit}", line).group(1)))
+        values.append(float(re.search(pattern, line).group(1)))
     return max(values)
 
 
 @dataclass(frozen=True)
 class Ceilings:
-    """This machine's float32 FMA peak (GFLOP/s) and triad bandwidths (GB/s)."""
+    """This machine's float32 FMA peak (GFLOP/s per CPU-second x threads: what the threads
+    reach with their cores to themselves) and triad bandwidths (GB/s, best pass)."""
 
     peak: float
     dram: float
@@ -259,13 +260,16 @@ class Ceilings:
 
 
 def measure_ceilings(threads: int) -> Ceilings:
-    """FMA peak and triad bandwidths at ``threads`` threads, best of three runs each."""
+    """FMA peak and triad bandwidths at ``threads`` threads, best of three runs each. The
+    peak is counted per CPU-second: on a shared machine the wall clock also counts the time
+    other processes held the cores (one busy core here: 120 GFLOP/s by the wall clock, 214
+    per CPU-second); a triad's best of 20 passes is one the others did not interrupt."""
     with tempfile.TemporaryDirectory() as folder:
         fma = compiled("fma_peak.c", ["-O2"], Path(folder))
         stream = compiled("stream.c", ["-O3"], Path(folder))
-        return Ceilings(_measure([str(fma), str(threads)], "GFLOP/s"),
-                        _measure([str(stream), str(threads), "512"], "GB/s"),
-                        _measure([str(stream), str(threads), "8"], "GB/s"))
+        return Ceilings(_measure([str(fma), str(threads)], r"([0-9.]+) per CPU-second"),
+                        _measure([str(stream), str(threads), "512"], r"([0-9.]+) GB/s"),
+                        _measure([str(stream), str(threads), "8"], r"([0-9.]+) GB/s"))
 
 
 # --- the roofline of a model -----------------------------------------------------------------
@@ -382,8 +386,9 @@ def layer_table(layers: list[Layer], ceilings: Ceilings) -> str:
 
 def model_report(name: str, layers: list[Layer], ceilings: Ceilings,
                  rates: dict[str, tuple[float, float, float]], missing: dict[str, str],
-                 batch: int) -> str:
-    """The per-model table and its memory-bound layers."""
+                 batch: int, threads: int) -> str:
+    """The per-model table and its memory-bound layers. Shares of the limits are of the rate
+    by CPU time (images per CPU-second x threads), as the FMA peak is counted."""
     line = roofline(layers, ceilings)
     size, classes = model_shape(name)
     bound = "compute" if line.flops / line.bytes >= ceilings.ridge else "memory"
@@ -394,18 +399,20 @@ def model_report(name: str, layers: list[Layer], ceilings: Ceilings,
            f"{ceilings.ridge:.1f}); roofline limit {line.limit:.0f} images/s, per-layer limit "
            f"{line.layer_limit:.0f} ({line.cache_layer_limit:.0f} with every layer at the "
            f"cache's bandwidth, {line.fused_layer_limit:.0f} fused)", "",
-           "| tool | images/s | images/CPU-s | GFLOP/s | % of roofline limit "
-           "| % of per-layer limit | max rel diff Reaction vs ours |",
-           "|---|---:|---:|---:|---:|---:|---:|"]
+           f"| tool | images/s | images/CPU-s x {threads} | GFLOP/s | % of roofline limit "
+           "| % of per-layer limit | % of fused per-layer limit "
+           "| max rel diff Reaction vs ours |",
+           "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for tool in TOOLS:
         if tool not in rates:
             out.append(f"| {TITLES[tool]} | n/a ({missing.get(tool, 'not run')}) "
-                       "| | | | | |")
+                       "| | | | | | |")
             continue
         wall, cpu, difference = rates[tool]
-        out.append(f"| {TITLES[tool]} | {wall:.1f} | {cpu:.1f} | {wall * line.flops / 1e9:.1f} "
-                   f"| {wall / line.limit:.0%} | {wall / line.layer_limit:.0%} "
-                   f"| {difference:.1e} |")
+        rate = cpu * threads
+        out.append(f"| {TITLES[tool]} | {wall:.1f} | {rate:.1f} | {rate * line.flops / 1e9:.1f} "
+                   f"| {rate / line.limit:.0%} | {rate / line.layer_limit:.0%} "
+                   f"| {rate / line.fused_layer_limit:.0%} | {difference:.1e} |")
     heavy = [(lay, share) for lay, share in memory_bound(layers, ceilings) if share >= 0.02]
     if heavy:
         out += ["", "memory-bound steps with >= 2 % of the per-layer roofline time: " + "; ".join(
@@ -414,14 +421,16 @@ def model_report(name: str, layers: list[Layer], ceilings: Ceilings,
     return "\n".join(out)
 
 
-def summary(rows: list[tuple[str, Roofline, dict]], ceilings: Ceilings) -> str:
-    """One line per model: its roofline and each tool's share of the limit."""
+def summary(rows: list[tuple[str, Roofline, dict]], ceilings: Ceilings, threads: int) -> str:
+    """One line per model: its roofline and each tool's rate by CPU time (images per
+    CPU-second x threads) with its share of the per-layer limit."""
     head = "| model | GFLOP/img | MB/img | FLOP/B | bound | limit img/s | per-layer limit |"
-    lines = [head + "".join(f" {TITLES[t]} img/s (% limit) |" for t in TOOLS),
-             "|---" * (7 + len(TOOLS)) + "|"]
+    lines = [head + "".join(f" {TITLES[t]} |" for t in TOOLS),
+             "|---|---:|---:|---:|---|---:|---:|" + "---:|" * len(TOOLS)]
     for name, line, rates in rows:
         bound = "compute" if line.flops / line.bytes >= ceilings.ridge else "memory"
-        cells = "".join(f" {rates[t][0]:.0f} ({rates[t][0] / line.limit:.0%}) |" if t in rates
+        rate = {tool: cpu * threads for tool, (_, cpu, _) in rates.items()}
+        cells = "".join(f" {rate[t]:.0f} ({rate[t] / line.layer_limit:.0%}) |" if t in rate
                         else " n/a |" for t in TOOLS)
         lines.append(f"| {name} | {line.flops / 1e9:.4f} | {line.bytes / 1e6:.2f} "
                      f"| {line.flops / line.bytes:.1f} | {bound} | {line.limit:.0f} "
@@ -436,7 +445,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--images", type=int, default=128, help="per thesis model")
     parser.add_argument("--demo-images", type=int, default=2048,
                         help="for the demo's model (8x8 images are fast)")
-    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--batch", type=int, default=64, help="per thesis model")
+    parser.add_argument("--demo-batch", type=int, default=256,
+                        help="for the demo's model (analyzer reaction's default batch size)")
     parser.add_argument("--rounds", type=int, default=3, help="timed rounds after a warm-up")
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--layers", action="store_true", help="also print every layer's count")
@@ -454,25 +465,27 @@ def main() -> None:
     for name in args.models:
         size, classes = model_shape(name)
         model, layer = random_model(name, size, classes), gradcam_layer(name)
-        layers = count_layers(model, layer, (1, *size), classes, args.batch)
+        images, batch = ((args.demo_images, args.demo_batch) if name == DEMO
+                         else (args.images, args.batch))
+        layers = count_layers(model, layer, (1, *size), classes, batch)
         check_counts(model, layer, layers, (1, *size), classes)
-        images = args.demo_images if name == DEMO else args.images
-        rates = time_model(name, tools, images, args.batch, args.rounds)
+        rates = time_model(name, tools, images, batch, args.rounds)
         print(f"{name}: " + ", ".join(f"{TITLES[t]} {r[0]:.1f} images/s"
                                        for t, r in rates.items()), flush=True)
-        measured.append((name, layers, rates))
+        measured.append((name, layers, rates, batch))
     end = measure_ceilings(args.threads)
     ceilings = Ceilings(*(max(a, b) for a, b in zip(astuple(start), astuple(end), strict=True)))
     print(f"ceilings at the end: {end}; {load()}")
     print(f"roofline ceilings (the better of the two; {args.threads} thread(s)): {ceilings}; "
           f"ridge {ceilings.ridge:.1f} FLOP/byte\n")
-    for name, layers, rates in measured:
-        print(model_report(name, layers, ceilings, rates, missing, args.batch))
+    for name, layers, rates, batch in measured:
+        print(model_report(name, layers, ceilings, rates, missing, batch, args.threads))
         if args.layers:
             print("\n" + layer_table(layers, ceilings))
         print()
     print(summary([(name, roofline(layers, ceilings), rates)
-                   for name, layers, rates in measured], ceilings))
+                   for name, layers, rates, _ in measured], ceilings, args.threads))
+    print(f"tools: images per CPU-second x {args.threads} (% of the per-layer limit)")
     print(f"medians of {args.rounds} interleaved rounds; same random weights and images per "
           f"model; {args.images} images per thesis model, {args.demo_images} for {DEMO}")
 
