@@ -30,8 +30,12 @@ For each zoo model (Models I-VI at 1x50x200, 13 classes, and the demo's ``small`
 The table per model gives GFLOP/image, MB/image, FLOP/byte, the roofline limit in images/s
 (min(peak / FLOPs, bandwidth / bytes), the whole pass as one kernel) and the tighter per-layer
 limit (each layer at the slower of its compute and memory times, summed: the best that eager
-execution, one layer after another, can reach), each
-tool's images/s and its share of both; then the layers below the ridge point (memory-bound).
+execution, one layer after another, can reach; and the same with conv, batch norm and ReLU
+fused, as ONNX Runtime runs them), each tool's images/s by the wall clock and by CPU time
+(images per CPU-second x threads, as the FMA peak is counted: what the tool does with the
+cores to itself on a shared machine) and the latter's share of the limits; then the layers
+below the ridge point (memory-bound). The demo's model runs at batch 256 (``--demo-batch``,
+``analyzer reaction``'s default), the thesis models at 64 (``--batch``).
 
     .venv-bench/bin/python bench/roofline.py                      # ~5 min on 2 busy cores
     OMP_NUM_THREADS=1 .venv-bench/bin/python bench/roofline.py --threads 1   # steadier when busy
@@ -41,11 +45,14 @@ tool's images/s and its share of both; then the layers below the ridge point (me
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import re
 import shutil
+import statistics
 import subprocess
 import tempfile
+import time
 from dataclasses import astuple, dataclass
 from functools import partial
 from pathlib import Path
@@ -57,6 +64,7 @@ from reaction import (
     METHODS,
     OnnxOurs,
     Setting,
+    laid_out,
     load,
     machine,
     max_relative_reaction_difference,
@@ -68,6 +76,7 @@ from reaction import (
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from analyzer import torch_backend
 from analyzer.gradcam import reaction_from_map
 from analyzer.torch_backend import TorchBackend
 from store.spec import ReactionSpec
@@ -369,6 +378,40 @@ def time_model(name: str, tools: list[str], images: int, batch: int,
             for setting in settings}
 
 
+def what_helps(name: str, images: int, batch: int,
+               rounds: int) -> dict[str, tuple[float, float]]:
+    """Images per CPU-second of the torch backend as ``analyzer reaction`` runs a zoo model, with
+    batch norm folded into the convolutions and in-place ReLUs (bench/reaction.py's
+    ``laid_out``: the traffic that fusion removes), with sub-batches whose largest activation
+    stays under 8 MiB instead of 32 (a layer's input and output then fit in the cache), and
+    both; interleaved rounds, medians, and the largest relative Reaction difference from the
+    first."""
+    size, classes = model_shape(name)
+    model, layer = random_model(name, size, classes), gradcam_layer(name)
+    pictures, labels = random_images(images, size, classes)
+    folded = laid_out(model, "channels_last+folded")
+    variants = {"as analyzer reaction runs it": (model, 32), "BN folded, ReLU in-place":
+                (folded, 32), "sub-batches under 8 MiB": (model, 8), "both": (folded, 8)}
+    backends = {title: TorchBackend(copy.deepcopy(net), ReactionSpec(layer), "cpu",
+                                    channels_last=True) for title, (net, _) in variants.items()}
+    seconds: dict[str, list[float]] = {title: [] for title in variants}
+    results = {}
+    for round_index in range(rounds + 1):
+        for title, backend in backends.items():
+            torch_backend._CPU_ACTIVATION_BUDGET = variants[title][1] * 2**20
+            began = time.process_time()
+            results[title] = torch.cat([backend.compute(x, y).reaction for x, y in
+                                        zip(pictures.split(batch), labels.split(batch),
+                                            strict=True)])
+            if round_index:
+                seconds[title].append(time.process_time() - began)
+    torch_backend._CPU_ACTIVATION_BUDGET = 32 * 2**20
+    first = results["as analyzer reaction runs it"]
+    return {title: (images / statistics.median(times),
+                    max_relative_reaction_difference(results[title], first))
+            for title, times in seconds.items()}
+
+
 # --- the report ------------------------------------------------------------------------------
 
 
@@ -451,12 +494,24 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=3, help="timed rounds after a warm-up")
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--layers", action="store_true", help="also print every layer's count")
+    parser.add_argument("--what-helps", action="store_true",
+                        help="instead: the torch backend with batch norm folded and with smaller "
+                             "sub-batches (images per CPU-second)")
     return parser.parse_args()
 
 
 def main() -> None:
     args = parse_args()
     torch.set_num_threads(args.threads)
+    if args.what_helps:
+        print(f"{machine()}; {load()}")
+        for name in args.models:
+            print(f"{name}: " + "; ".join(f"{title} {rate:.1f} images/CPU-s (rel diff {diff:.0e})"
+                                           for title, (rate, diff) in what_helps(
+                                               name, args.images, args.batch, args.rounds).items()),
+                  flush=True)
+        print(load())
+        return
     print(f"{machine()}; {load()}", flush=True)
     start = measure_ceilings(args.threads)
     print(f"ceilings at the start: {start}", flush=True)
