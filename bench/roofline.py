@@ -37,8 +37,8 @@ cores to itself on a shared machine) and the latter's share of the limits; then 
 below the ridge point (memory-bound). The demo's model runs at batch 256 (``--demo-batch``,
 ``analyzer reaction``'s default), the thesis models at 64 (``--batch``).
 
-    .venv-bench/bin/python bench/roofline.py                      # ~5 min on 2 busy cores
-    OMP_NUM_THREADS=1 .venv-bench/bin/python bench/roofline.py --threads 1   # steadier when busy
+    .venv-bench/bin/python bench/roofline.py                      # ~10 min on 2 busy cores
+    OMP_NUM_THREADS=1 .venv-bench/bin/python bench/roofline.py --threads 1   # steadier; ~7 min
     .venv-bench/bin/python bench/roofline.py --models model4 --layers   # one model, every layer
 """
 
