@@ -78,10 +78,11 @@ LOOP_IMAGES = 32  # the thesis loop is timed on this many images
 # --- the shared workload ------------------------------------------------------------------
 
 
-def random_model(name: str) -> nn.Module:
+def random_model(name: str, image_size: tuple[int, int] = IMAGE_SIZE,
+                 classes: int = CLASSES) -> nn.Module:
     """A zoo model with random weights and random batch-norm statistics, in eval mode."""
     torch.manual_seed(SEED)
-    model = build_model(ModelSpec(name, 1, IMAGE_SIZE, CLASSES))
+    model = build_model(ModelSpec(name, 1, image_size, classes))
     with torch.no_grad():
         for module in model.modules():
             if isinstance(module, nn.BatchNorm2d):
@@ -92,11 +93,12 @@ def random_model(name: str) -> nn.Module:
     return model.eval()
 
 
-def random_images(count: int) -> tuple[Tensor, Tensor]:
-    """Images in [0, 1], shape [count, 1, 50, 200], and random labels."""
+def random_images(count: int, image_size: tuple[int, int] = IMAGE_SIZE,
+                  classes: int = CLASSES) -> tuple[Tensor, Tensor]:
+    """Images in [0, 1], shape [count, 1, *image_size] (1x50x200), and random labels."""
     generator = torch.Generator().manual_seed(SEED + 1)
-    images = torch.rand(count, 1, *IMAGE_SIZE, generator=generator)
-    labels = torch.randint(0, CLASSES, (count,), generator=generator)
+    images = torch.rand(count, 1, *image_size, generator=generator)
+    labels = torch.randint(0, classes, (count,), generator=generator)
     return images, labels
 
 
@@ -182,7 +184,7 @@ class Ours(Method):
         return self.backend.compute(images, labels, keep_maps=True).cam
 
 
-_EXPORTED: dict = {}  # (id(model), layer) -> OnnxFile: the trace is not what is timed
+_EXPORTED: dict = {}  # (id(model), layer, size) -> OnnxFile: the trace is not what is timed
 
 
 class OnnxOurs(Method):
@@ -190,7 +192,8 @@ class OnnxOurs(Method):
 
     title = "onnx (ours)"
 
-    def __init__(self, model: nn.Module, layer: str) -> None:
+    def __init__(self, model: nn.Module, layer: str,
+                 image_size: tuple[int, int] = IMAGE_SIZE) -> None:
         from pathlib import Path
 
         from analyzer.onnx_backend import OnnxBackend
@@ -198,11 +201,11 @@ class OnnxOurs(Method):
         from store.onnx_files import OnnxFile
 
         super().__init__(model, layer)
-        key = (id(model), layer)
+        key = (id(model), layer, image_size)
         if key not in _EXPORTED:
             settings = ExportSettings(ReactionSpec(layer), with_maps=True)
             exporter = ReactionGraphExporter(model, settings,
-                                             channels=1, image_size=IMAGE_SIZE)
+                                             channels=1, image_size=image_size)
             exporter.load_weights(model.state_dict())
             _EXPORTED[key] = OnnxFile(Path("bench.onnx"), exporter.model_bytes(), "",
                                       exporter.contract)
@@ -368,21 +371,24 @@ def timed_pass(method: Method, work: list[tuple[Tensor, Tensor]]) -> tuple[float
 
 
 def time_settings(settings: list[Setting], models: dict[str, nn.Module], layer: str,
-                  images: Tensor, labels: Tensor, repeats: int) -> dict[Setting, tuple]:
+                  images: Tensor, labels: Tensor, repeats: int,
+                  methods: dict | None = None) -> dict[Setting, tuple]:
     """Median (images/s, images per CPU-second) of each setting.
 
     Rounds interleave the settings, so that a slow spell of a shared machine hits all of them,
     and each round starts one setting later, because a method's speed depends on what the
     one before it left in the memory allocator (page faults); round 0 is the warm-up (one
     batch each). Each method is built and closed within its turn, so that no library's hooks
-    stay on the model while another method runs.
+    stay on the model while another method runs. ``methods`` maps a setting's method to
+    what builds it from (model, layer); default :data:`METHODS`.
     """
+    methods = METHODS if methods is None else methods
     work = {setting: batches(images, labels, setting) for setting in settings}
     seconds: dict[Setting, list[tuple[float, float]]] = {setting: [] for setting in settings}
     for round_index in range(repeats + 1):
         start = round_index % len(settings)
         for setting in settings[start:] + settings[:start]:
-            method = METHODS[setting.method](models[setting.layout], layer)
+            method = methods[setting.method](models[setting.layout], layer)
             try:
                 turn = work[setting] if round_index else work[setting][:1]
                 elapsed = timed_pass(method, turn)
@@ -397,9 +403,11 @@ def time_settings(settings: list[Setting], models: dict[str, nn.Module], layer: 
 
 
 def raw_maps(setting: Setting, models: dict[str, nn.Module], layer: str, images: Tensor,
-             labels: Tensor) -> Tensor | None:
-    """The setting's raw maps over its batches, or None for a method that makes none."""
-    method = METHODS[setting.method](models[setting.layout], layer)
+             labels: Tensor, methods: dict | None = None) -> Tensor | None:
+    """The setting's raw maps over its batches, or None for a method that makes none
+    (``methods`` as in :func:`time_settings`)."""
+    method = (METHODS if methods is None else methods)[setting.method](models[setting.layout],
+                                                                       layer)
     try:
         return torch.cat([method.raw_map(x, y) for x, y in batches(images, labels, setting)])
     except NotImplementedError:
