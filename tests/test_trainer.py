@@ -280,6 +280,17 @@ def wait_for_checkpoint(out: Path, epoch: int, process: subprocess.Popen) -> boo
     return True
 
 
+def wait_for_twinless_checkpoint(out: Path, process: subprocess.Popen) -> bool:
+    """Wait until a checkpoint is on disk without its ONNX twin (``trainer run --onnx``
+    writes the twin after the checkpoint, before the epoch's commit)."""
+    while not any(not path.with_suffix(".onnx").exists()
+                  for path in (out / "checkpoints").glob("*.safetensors")):
+        if process.poll() is not None:
+            return False
+        time.sleep(0.002)
+    return True
+
+
 def assert_complete_epochs_are_whole(run_file: Path, onnx: bool = False) -> int:
     with h5py.File(run_file, "r", locking=False) as handle:
         completed = int(handle["training/completed_epochs"][()])
@@ -305,12 +316,15 @@ def test_kill_nine_then_resume_equals_an_uninterrupted_run(tmp_path, onnx):
     process = start_training(killed, epochs, onnx=onnx)
     rng = random.Random(1)
     kills = checkpoints_without_onnx = 0
-    # Epoch 3 is the first epoch of the first resumed process: with --onnx, that process
-    # traces the Grad-CAM graph (seconds) after writing the checkpoint, so the kill lands
-    # between a checkpoint and its ONNX file.
+    # The second process, with --onnx, is killed between a checkpoint and its ONNX file (its
+    # first twin waits for the Grad-CAM graph's trace, seconds); the others at random.
     for kill_after in (2, 3, 6):
-        if wait_for_checkpoint(killed, kill_after, process):
+        if onnx and kill_after == 3:
+            reached = wait_for_twinless_checkpoint(killed, process)
+        else:
+            reached = wait_for_checkpoint(killed, kill_after, process)
             time.sleep(rng.uniform(0, 0.05))  # somewhere inside the next epoch or its commit
+        if reached:
             process.send_signal(signal.SIGKILL)
             process.wait()
             kills += 1
