@@ -1,8 +1,9 @@
 """The trainer against a plain PyTorch loop: what checkpoints, curves and the run file cost.
 
 For each model (Model I and Model IV by default) at 50x200, on one folder of generated
-50x200 PNGs (8 classes of noisy shapes, ``scripts/make_shapes.py``'s drawing), in one
-process, in interleaved rounds:
+50x200 PNGs (8 classes of noisy shapes, ``scripts/make_shapes.py``'s drawing), in
+interleaved rounds, each loop in a fresh process of its own (so that no loop inherits
+another's heap or allocator settings; the data decoding is outside the timings):
 
 * ``trainer``: ``trainer.train.train`` (what ``trainer run`` calls), a fresh run folder per
   round. Its epoch is the time from one epoch's commit to the next (``write_epoch`` returns):
@@ -12,16 +13,21 @@ process, in interleaved rounds:
   the same model built the same way from the same seed, Adam and cross-entropy, the same
   shuffling and dropout streams: a train pass and a plain validation pass for the loss, no
   checkpoints, no curves. The weights it ends with are compared with the trainer's last
-  checkpoint, bit for bit, so both are known to do the same arithmetic.
+  checkpoint, bit for bit, so both are known to do the same arithmetic. ``plain`` runs with
+  glibc's default allocator settings, as a user's loop would; ``plain, kept`` with the ones
+  the trainer sets (``trainer.allocator.keep_freed_memory``), like for like.
 
 The first epoch of every run is reported apart (it holds the warm-up); the table gives
-medians of the later epochs over all rounds, and the overhead ``trainer / plain - 1``. The
-breakdown times the trainer's own steps (the real functions, wrapped by a timer) inside the
-same runs: checkpoint, resume file, run-file row, per-class validation against the plain
-validation pass, and the rest (the difference that none of these explain).
+medians of the later epochs over all rounds, for the wall clock and for the process's CPU
+time (steadier on a shared machine), and the overhead ``trainer / plain - 1``. The breakdown
+(against ``plain, kept``, or ``plain`` where that is not run) times the trainer's own steps
+(the real functions, wrapped by a timer) inside the same runs: checkpoint, resume file,
+run-file row, per-class validation against the plain validation pass, the training pass,
+and the rest (the difference that none of these explain).
 
-    python bench/trainer_overhead.py [--models model1,model4] [--images 480] [--epochs 4]
-                                     [--rounds 3] [--threads 1] [--json PATH]
+    python bench/trainer_overhead.py [--models model1,model4] [--images 480] [--epochs 3]
+                                     [--rounds 3] [--threads 1] [--plains default,kept]
+                                     [--json PATH]
 """
 
 from __future__ import annotations
@@ -29,7 +35,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -43,7 +51,7 @@ from PIL import Image
 from torch import nn
 
 import trainer.train as trainer_module
-from store.checkpoints import load_checkpoint
+from store.checkpoints import load_checkpoint, save_checkpoint
 from store.datasets import load_split, open_source, plan_splits
 from trainer.models import ModelSpec, build_model
 from trainer.train import TrainConfig, epoch_generator, train
@@ -71,13 +79,24 @@ def write_images(root: Path, count: int, seed: int = 0) -> Path:
     return root
 
 
+_CLOCKS = ("wall", "cpu", "system", "page faults")
+
+
+def clocks() -> np.ndarray:
+    """Wall time, this process's CPU time (user + system, all threads) and system time in
+    seconds, and its count of minor page faults."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return np.array([time.perf_counter(), time.process_time(), usage.ru_stime,
+                     usage.ru_minflt])
+
+
 class StepTimer:
     """Wraps the trainer module's own steps with a timer; the real functions still run."""
 
     def __init__(self) -> None:
-        self.seconds: dict[str, list[float]] = defaultdict(list)
-        self.commits: list[float] = []
-        self.first_start = 0.0
+        self.seconds: dict[str, list[np.ndarray]] = defaultdict(list)
+        self.commits: list[np.ndarray] = []
+        self.first_start: np.ndarray | None = None
         self.originals = {name: getattr(trainer_module, name) for name in _TIMED}
 
     def __enter__(self) -> StepTimer:
@@ -91,11 +110,11 @@ class StepTimer:
 
     def _timed(self, name: str, function: Callable) -> Callable:
         def timed(*args, **kwargs):
-            began = time.perf_counter()
-            if name == "_train_one_epoch" and not self.first_start:
+            began = clocks()
+            if name == "_train_one_epoch" and self.first_start is None:
                 self.first_start = began
             result = function(*args, **kwargs)
-            ended = time.perf_counter()
+            ended = clocks()
             self.seconds[name].append(ended - began)
             if name == "write_epoch":
                 self.commits.append(ended)
@@ -104,18 +123,17 @@ class StepTimer:
 
 
 def run_trainer(model: str, data: Path, out: Path, epochs: int, batch: int,
-                seed: int) -> tuple[list[float], dict[str, list[float]], float, Path]:
-    """One ``train`` run: epoch times (commit to commit; the first from the call), the
-    per-epoch step times, the set-up time (call to the first epoch) and the last checkpoint."""
+                seed: int) -> tuple[list[np.ndarray], dict[str, list[np.ndarray]], np.ndarray]:
+    """One ``train`` run: (wall, CPU) seconds of each epoch (commit to commit; the first from
+    its start), of each timed step per epoch, and of the set-up (call to the first epoch)."""
     config = TrainConfig(data=str(data), model=model, epochs=epochs, batch_size=batch,
                          seed=seed, image_size=f"{SIZE[0]}x{SIZE[1]}")
     with StepTimer() as timer:
-        began = time.perf_counter()
+        began = clocks()
         train(config, out, progress=False, command="bench")
-    setup = timer.first_start - began
-    epochs_seconds = [timer.commits[0] - timer.first_start, *np.diff(timer.commits)]
-    return epochs_seconds, dict(timer.seconds), setup, out / "checkpoints" / \
-        f"epoch_{epochs:04d}.safetensors"
+    assert timer.first_start is not None and len(timer.commits) == epochs
+    epoch_seconds = [timer.commits[0] - timer.first_start, *np.diff(timer.commits, axis=0)]
+    return epoch_seconds, dict(timer.seconds), timer.first_start - began
 
 
 def load_tensors(data: Path, seed: int) -> tuple[torch.Tensor, ...]:
@@ -130,15 +148,16 @@ def load_tensors(data: Path, seed: int) -> tuple[torch.Tensor, ...]:
 
 
 def run_plain(model_name: str, tensors: tuple[torch.Tensor, ...], epochs: int, batch: int,
-              seed: int) -> tuple[list[float], list[float], dict[str, torch.Tensor]]:
-    """The hand-written loop: epoch times, validation-pass times and the final weights."""
+              seed: int) -> tuple[list[np.ndarray], list[np.ndarray], dict[str, torch.Tensor]]:
+    """The hand-written loop: (wall, CPU) seconds of each epoch and of its validation pass,
+    and the final weights."""
     train_x, train_y, val_x, val_y, classes = tensors
     torch.manual_seed(seed)
     model = build_model(ModelSpec(model_name, 1, SIZE, int(classes)))
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
     epoch_seconds, val_seconds = [], []
     for epoch in range(1, epochs + 1):
-        began = time.perf_counter()
+        began = clocks()
         generator = epoch_generator(seed, epoch)  # the trainer's shuffle and dropout streams
         order = torch.randperm(len(train_y), generator=generator)
         torch.manual_seed(int(torch.randint(2**62, (1,), generator=generator)))
@@ -148,11 +167,11 @@ def run_plain(model_name: str, tensors: tuple[torch.Tensor, ...], epochs: int, b
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-        validated = time.perf_counter()
+        validated = clocks()
         model.eval()
         with torch.no_grad():
             val_loss = float(nn.functional.cross_entropy(model(val_x), val_y))
-        ended = time.perf_counter()
+        ended = clocks()
         assert np.isfinite(val_loss)
         epoch_seconds.append(ended - began)
         val_seconds.append(ended - validated)
@@ -166,60 +185,105 @@ def same_weights(state: dict[str, torch.Tensor], checkpoint: Path) -> bool:
         torch.equal(stored[name], tensor) for name, tensor in state.items())
 
 
+def worker(args: argparse.Namespace) -> dict:
+    """One loop in this process (``--worker``): its timings, as JSON for the parent."""
+    torch.set_num_threads(args.threads)
+    if args.worker == "trainer":
+        seconds, steps, setup = run_trainer(args.model, args.data, args.out, args.epochs,
+                                            args.batch, args.seed)
+        return {"epochs": np.array(seconds).tolist(), "setup": setup.tolist(),
+                "steps": {name: np.array(values).tolist() for name, values in steps.items()}}
+    if args.worker == "kept":
+        from trainer.allocator import keep_freed_memory
+        assert keep_freed_memory(), "glibc did not take the trainer's allocator settings"
+    seconds, val_seconds, state = run_plain(args.model, load_tensors(args.data, args.seed),
+                                            args.epochs, args.batch, args.seed)
+    save_checkpoint(args.out, state, {})
+    return {"epochs": np.array(seconds).tolist(), "val": np.array(val_seconds).tolist()}
+
+
+def run_worker(kind: str, model: str, data: Path, out: Path, args: argparse.Namespace) -> dict:
+    """Run one loop in a fresh process of this script and return its timings."""
+    command = [sys.executable, __file__, "--worker", kind, "--model", model, "--data", str(data),
+               "--out", str(out), "--epochs", str(args.epochs), "--batch", str(args.batch),
+               "--threads", str(args.threads), "--seed", str(args.seed)]
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+    done = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
+    if done.returncode:
+        raise SystemExit(f"{kind} worker failed:\n{done.stderr}")
+    return json.loads(done.stdout)
+
+
 def measure(model: str, data: Path, folder: Path, args: argparse.Namespace) -> dict:
-    """Interleaved rounds of both loops for one model; medians and the breakdown."""
-    tensors = load_tensors(data, args.seed)
+    """Interleaved rounds of every loop for one model; medians and the breakdown, for the
+    wall clock and for the process's CPU time."""
+    kinds = [*args.plains.split(","), "trainer"]
     rows: dict[str, list] = defaultdict(list)
+    identical = []
     for round_index in range(args.rounds):
-        order = ("plain", "trainer") if round_index % 2 == 0 else ("trainer", "plain")
-        for which in order:
-            if which == "plain":
-                seconds, val_seconds, state = run_plain(model, tensors, args.epochs,
-                                                        args.batch, args.seed)
-                rows["plain_first"].append(seconds[0])
-                rows["plain"] += seconds[1:]
-                rows["plain_val"] += val_seconds[1:]
-            else:
-                out = folder / f"{model}-{round_index}"
-                seconds, steps, setup, last = run_trainer(model, data, out, args.epochs,
-                                                          args.batch, args.seed)
-                rows["trainer_first"].append(seconds[0])
-                rows["trainer"] += seconds[1:]
-                rows["setup"].append(setup)
-                for name, values in steps.items():
+        outs = {}
+        for kind in kinds[round_index % len(kinds):] + kinds[:round_index % len(kinds)]:
+            outs[kind] = folder / f"{model}-{kind}-{round_index}"
+            if kind != "trainer":
+                outs[kind] = outs[kind].with_suffix(".safetensors")
+            found = run_worker(kind, model, data, outs[kind], args)
+            rows[f"{kind}_first"].append(found["epochs"][0])
+            rows[kind] += found["epochs"][1:]
+            if kind == "trainer":
+                rows["setup"].append(found["setup"])
+                for name, values in found["steps"].items():
                     rows[name] += values[1:]
-        rows["identical"].append(same_weights(state, last))
-    median = {name: statistics.median(values) for name, values in rows.items()
-              if name != "identical"}
-    plain, trainer = median["plain"], median["trainer"]
-    extras = {"checkpoint": median["save_checkpoint"], "resume file": median["save_resume_state"],
-              "run-file row": median["write_epoch"],
-              "validation extras": median["_validate"] - median["plain_val"]}
-    train_pass = median["_train_one_epoch"] - (plain - median["plain_val"])
-    extras["train pass"] = train_pass
-    extras["rest"] = trainer - plain - sum(extras.values())
-    return {"model": model, "plain_s": plain, "trainer_s": trainer,
-            "overhead": trainer / plain - 1, "breakdown_s": extras,
-            "plain_first_s": median["plain_first"], "trainer_first_s": median["trainer_first"],
-            "setup_s": median["setup"], "identical": all(rows["identical"]),
-            "epochs_timed": len(rows["plain"])}
+            else:
+                rows[f"{kind}_val"] += found["val"][1:]
+        last = outs["trainer"] / "checkpoints" / f"epoch_{args.epochs:04d}.safetensors"
+        identical += [same_weights(load_checkpoint(outs[kind])[0], last) for kind in kinds[:-1]]
+    result = {"model": model, "identical": all(identical), "epochs_timed": len(rows["trainer"]),
+              "plains": kinds[:-1]}
+    like = "kept" if "kept" in kinds else kinds[0]
+    for column, clock in enumerate(_CLOCKS):
+        median = {name: statistics.median(value[column] for value in values)
+                  for name, values in rows.items()}
+        plain, trainer = median[like], median["trainer"]
+        extras = {"checkpoint": median["save_checkpoint"],
+                  "resume file": median["save_resume_state"],
+                  "run-file row": median["write_epoch"],
+                  "validation extras": median["_validate"] - median[f"{like}_val"],
+                  "train pass": median["_train_one_epoch"] - (plain - median[f"{like}_val"])}
+        extras["rest"] = trainer - plain - sum(extras.values())
+        result[clock] = {"trainer_s": trainer, "breakdown_s": extras,
+                         "trainer_first_s": median["trainer_first"], "setup_s": median["setup"],
+                         **{f"{kind}_s": median[kind] for kind in kinds[:-1]},
+                         **{f"{kind}_first_s": median[f"{kind}_first"] for kind in kinds[:-1]},
+                         **{f"overhead_{kind}": trainer / median[kind] - 1 if median[kind]
+                            else float("nan") for kind in kinds[:-1]}}
+    return result
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", default="model1,model4")
     parser.add_argument("--images", type=int, default=480, help="training pool (10%% to val)")
-    parser.add_argument("--epochs", type=int, default=4, help="epochs per run, first apart")
+    parser.add_argument("--epochs", type=int, default=3, help="epochs per run, first apart")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--batch", type=int, default=90)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--plains", default="default,kept",
+                        help="plain loops to run: default (glibc's allocator settings), kept "
+                             "(the trainer's); 'default' alone for code before the latter")
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--worker", choices=["default", "kept", "trainer"], help=argparse.SUPPRESS)
+    parser.add_argument("--model", help=argparse.SUPPRESS)
+    parser.add_argument("--data", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    if args.worker:
+        print(json.dumps(worker(args)))
+        return
     print(f"torch {torch.__version__}, {args.threads} thread(s), {args.images} images "
           f"{SIZE[0]}x{SIZE[1]}, batch {args.batch}, {args.epochs} epochs x {args.rounds} "
-          f"rounds, load average {os.getloadavg()[0]:.1f}", flush=True)
+          f"rounds, load average {os.getloadavg()[0]:.1f}, trainer from "
+          f"{Path(trainer_module.__file__).parents[1]}", flush=True)
     results = []
     with tempfile.TemporaryDirectory() as folder:
         data = write_images(Path(folder) / "data", args.images)
@@ -232,15 +296,24 @@ def main() -> None:
 
 
 def print_row(row: dict) -> None:
-    """One model's line and its breakdown, in milliseconds per epoch."""
-    print(f"{row['model']:8s} plain {row['plain_s']:.3f} s/epoch  trainer "
-          f"{row['trainer_s']:.3f} s/epoch  overhead {row['overhead']:+.1%}  (first epoch: "
-          f"plain {row['plain_first_s']:.2f} s, trainer {row['trainer_first_s']:.2f} s + "
-          f"set-up {row['setup_s']:.2f} s; {row['epochs_timed']} epochs timed; weights "
-          f"{'identical' if row['identical'] else 'DIFFERENT'})")
-    print("         breakdown ms/epoch: " + ", ".join(
-        f"{name} {seconds * 1e3:+.1f}" for name, seconds in row["breakdown_s"].items()),
-        flush=True)
+    """One model's lines (wall clock, then CPU time) and their breakdowns, in ms per epoch."""
+    print(f"{row['model']}: {row['epochs_timed']} epochs timed per loop, final weights of the "
+          f"loops {'identical' if row['identical'] else 'DIFFERENT'}")
+    for clock in _CLOCKS:
+        figures = row[clock]
+        unit, digits = ("", 0) if clock == "page faults" else (" s", 3)
+        plains = "  ".join(f"plain {kind} {figures[f'{kind}_s']:.{digits}f}{unit} (first "
+                           f"{figures[f'{kind}_first_s']:.{digits}f})" for kind in row["plains"])
+        overheads = ", ".join(f"{figures[f'overhead_{kind}']:+.1%} vs {kind}"
+                              for kind in row["plains"])
+        print(f"  {clock}/epoch: {plains}  trainer {figures['trainer_s']:.{digits}f}{unit} "
+              f"(first {figures['trainer_first_s']:.{digits}f}, set-up "
+              f"{figures['setup_s']:.{digits}f}): "
+              f"overhead {overheads}")
+        if clock in ("wall", "cpu"):
+            print("    breakdown ms/epoch: " + ", ".join(
+                f"{name} {seconds * 1e3:+.1f}" for name, seconds in
+                figures["breakdown_s"].items()), flush=True)
 
 
 if __name__ == "__main__":

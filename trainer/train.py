@@ -60,6 +60,7 @@ from store.runfile import (
     update_provenance,
     write_epoch,
 )
+from trainer.allocator import keep_freed_memory
 from trainer.devices import resolve_device
 from trainer.models import ModelSpec, build_model, default_image_size, gradcam_layer
 
@@ -195,6 +196,7 @@ def train(config: TrainConfig | None, out: Path, *, resume: bool = False, force:
             _refuse_existing_run(run_path, force)  # again: a trainer may have just finished
             _start_new_run(config, source, plan, session, out, command)
         if read_run_info(run_path).completed_epochs < config.epochs:
+            keep_freed_memory()
             _loop(session, out, run_path, torch_device, progress)
             update_provenance(run_path, finished=_now())
         elif not read_provenance(run_path).get("finished"):  # killed after its last commit
