@@ -168,6 +168,9 @@ def train(config: TrainConfig | None, out: Path, *, resume: bool = False, force:
         checkpoint_writers: called with each epoch's checkpoint, in order, before the epoch
             is committed; the run's ``onnx`` setting requires (and alone allows) one named
             ``"onnx"``, e.g. ``analyzer.onnx_export.OnnxTwinWriter()``.
+
+    On glibc this raises the process's allocator thresholds for good
+    (:func:`trainer.allocator.keep_freed_memory`): faster epochs, the peak memory kept.
     """
     out = Path(out)
     run_path = out / RUN_FILE
@@ -184,6 +187,7 @@ def train(config: TrainConfig | None, out: Path, *, resume: bool = False, force:
         _refuse_existing_run(run_path, force)
         config.validate()
     _check_writers(config, checkpoint_writers)
+    keep_freed_memory()  # for the whole process: every batch reuses the last one's buffers
     source, plan, session = _load_session(config, torch_device)
     session.writers = tuple(checkpoint_writers)
     with folder_owned(out, TRAINER_LOCK, f"another trainer is running in {out}"):
@@ -196,7 +200,6 @@ def train(config: TrainConfig | None, out: Path, *, resume: bool = False, force:
             _refuse_existing_run(run_path, force)  # again: a trainer may have just finished
             _start_new_run(config, source, plan, session, out, command)
         if read_run_info(run_path).completed_epochs < config.epochs:
-            keep_freed_memory()
             _loop(session, out, run_path, torch_device, progress)
             update_provenance(run_path, finished=_now())
         elif not read_provenance(run_path).get("finished"):  # killed after its last commit
