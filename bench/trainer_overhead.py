@@ -13,14 +13,15 @@ another's heap or allocator settings; the data decoding is outside the timings):
   the same model built the same way from the same seed, Adam and cross-entropy, the same
   shuffling and dropout streams: a train pass and a plain validation pass for the loss, no
   checkpoints, no curves. The weights it ends with are compared with the trainer's last
-  checkpoint, bit for bit, so both are known to do the same arithmetic. ``plain`` runs with
-  glibc's default allocator settings, as a user's loop would; ``plain, kept`` with the ones
-  the trainer sets (``trainer.allocator.keep_freed_memory``), like for like.
+  checkpoint, bit for bit, so both are known to do the same arithmetic. ``plain default``
+  runs with glibc's default allocator settings, as a user's loop would; ``plain kept`` with
+  the ones the trainer sets (``trainer.allocator.keep_freed_memory``), like for like.
 
 The first epoch of every run is reported apart (it holds the warm-up); the table gives
-medians of the later epochs over all rounds, for the wall clock and for the process's CPU
-time (steadier on a shared machine), and the overhead ``trainer / plain - 1``. The breakdown
-(against ``plain, kept``, or ``plain`` where that is not run) times the trainer's own steps
+medians of the later epochs over all rounds, for the wall clock, the process's CPU time
+(steadier on a shared machine), its system time and its minor page faults, and the overhead
+``trainer / plain - 1``. The breakdown (against ``plain kept``, or the first plain loop run
+where that one is not) times the trainer's own steps
 (the real functions, wrapped by a timer) inside the same runs: checkpoint, resume file,
 run-file row, per-class validation against the plain validation pass, the training pass,
 and the rest (the difference that none of these explain).
