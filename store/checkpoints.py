@@ -58,23 +58,38 @@ def save_checkpoint(path: Path, state_dict: dict[str, torch.Tensor],
         metadata: strings stored in the safetensors header (epoch, model spec, classes).
     """
     tensors = {name: tensor.detach().cpu().contiguous() for name, tensor in state_dict.items()}
-    payload = _canonical(save(tensors, metadata={"format": CHECKPOINT_FORMAT, **metadata}))
-    write_atomically(path, payload)
-    return hashlib.sha256(payload).hexdigest()
+    parts = safetensors_parts(tensors, {"format": CHECKPOINT_FORMAT, **metadata})
+    write_atomically(path, *parts)
+    digest = hashlib.sha256()
+    for part in parts:
+        digest.update(part)
+    return digest.hexdigest()
 
 
-def _canonical(payload: bytes) -> bytes:
-    """Rewrite the safetensors header with sorted keys, so equal weights give equal bytes.
+def safetensors_parts(tensors: dict[str, torch.Tensor],
+                      metadata: dict[str, str]) -> list[bytes | memoryview]:
+    """The bytes of a safetensors file of ``tensors`` (contiguous, on the CPU), as parts to
+    write in turn: the header, then each tensor's own memory, copied nowhere.
 
-    safetensors keeps the metadata in a hash map whose order changes from process to
-    process; the tensor data offsets are relative to the end of the header, so only the
-    header changes. It stays padded to 8 bytes, as the format asks.
+    The bytes are those of ``safetensors.torch.save`` with the header's keys sorted, so
+    equal weights give equal files (safetensors keeps the metadata in a hash map whose order
+    changes from process to process). The tensors' order and dtype names are safetensors'
+    own, read from a ``save`` of one-element stand-ins.
     """
-    header_size = int.from_bytes(payload[:8], "little")
-    header = json.loads(payload[8:8 + header_size])
+    probe = save({name: torch.zeros(1, dtype=tensor.dtype) for name, tensor in tensors.items()})
+    probed = json.loads(probe[8:8 + int.from_bytes(probe[:8], "little")])
+    header: dict[str, object] = {"__metadata__": metadata}
+    buffers, offset = [], 0
+    for name in sorted(tensors, key=lambda name: probed[name]["data_offsets"][0]):
+        tensor = tensors[name]
+        data = memoryview(tensor.reshape(-1).view(torch.uint8).numpy())  # little-endian
+        header[name] = {"dtype": probed[name]["dtype"], "shape": list(tensor.shape),
+                        "data_offsets": [offset, offset + len(data)]}
+        buffers.append(data)
+        offset += len(data)
     text = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
-    text += b" " * (-len(text) % 8)
-    return len(text).to_bytes(8, "little") + text + payload[8 + header_size:]
+    text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned, as the format asks
+    return [len(text).to_bytes(8, "little") + text, *buffers]
 
 
 def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -114,10 +129,11 @@ def save_resume_state(path: Path, model_state: dict[str, torch.Tensor],
                for name, t in model_state.items()}
     for index, state in optimizer_state["state"].items():
         for name, value in state.items():
-            tensors[f"{_OPTIMIZER_PREFIX}{index}.{name}"] = torch.as_tensor(value).cpu()
+            tensors[f"{_OPTIMIZER_PREFIX}{index}.{name}"] = \
+                torch.as_tensor(value).detach().cpu().contiguous()
     header = {"format": RESUME_FORMAT,
               "optimizer_param_groups": json.dumps(optimizer_state["param_groups"]), **metadata}
-    write_atomically(path, _canonical(save(tensors, metadata=header)))
+    write_atomically(path, *safetensors_parts(tensors, header))
 
 
 def load_resume_state(path: Path) -> tuple[dict[str, torch.Tensor], dict, dict[str, str]]:

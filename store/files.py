@@ -39,13 +39,16 @@ def temporary_beside(path: Path) -> Path:
     raise FileExistsError(f"no free temporary name beside {path}")
 
 
-def write_atomically(path: Path, payload: bytes) -> None:
-    """Write ``payload`` to ``path`` via a temporary file in the same folder and a rename."""
+def write_atomically(path: Path, *parts: bytes | memoryview) -> None:
+    """Write ``parts``, one after the other, to ``path`` via a temporary file in the same
+    folder and a rename (parts spare the caller joining large buffers into one)."""
     path = Path(path)
-    with no_room_is_one_line(path, len(payload)):
+    with no_room_is_one_line(path, sum(len(part) for part in parts)):
         temporary = temporary_beside(path)
         try:
-            temporary.write_bytes(payload)
+            with open(temporary, "wb") as handle:
+                for part in parts:
+                    handle.write(part)
             os.replace(temporary, path)
         finally:
             temporary.unlink(missing_ok=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -14,16 +15,19 @@ import h5py
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import save
 
 from store.checkpoints import (
     checkpoint_name,
     load_checkpoint,
     load_resume_state,
+    safetensors_parts,
     save_checkpoint,
     save_resume_state,
     sha256_file,
 )
 from store.errors import InputError
+from store.files import write_atomically
 from store.h5io import open_for_reading, replace_atomically, writer_lock
 from store.runfile import (
     FORMAT_NAME,
@@ -249,6 +253,53 @@ def test_resume_state_restores_adam_exactly(tmp_path):
         opt.step()
     for a, b in zip(model.parameters(), copy.parameters(), strict=True):
         assert torch.equal(a, b)
+
+
+def sorted_safetensors(payload: bytes) -> bytes:
+    """safetensors' own bytes with the header's keys sorted (the reference of our writer)."""
+    size = int.from_bytes(payload[:8], "little")
+    text = json.dumps(json.loads(payload[8:8 + size]), sort_keys=True, separators=(",", ":"),
+                      ensure_ascii=False).encode()
+    text += b" " * (-len(text) % 8)
+    return len(text).to_bytes(8, "little") + text + payload[8 + size:]
+
+
+def test_checkpoint_bytes_are_safetensors_own_with_a_sorted_header(tmp_path):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.BatchNorm2d(4),
+                                torch.nn.Flatten(), torch.nn.Linear(4 * 36, 3))
+    optimizer = torch.optim.Adam(model.parameters())
+    model(torch.randn(2, 1, 8, 8)).sum().backward()
+    optimizer.step()
+    mixed = {"z.half": torch.randn(7).half(), "a.bf16": torch.randn(2, 3).bfloat16(),
+             "flag": torch.tensor([True, False]), "f64": torch.randn(5, dtype=torch.float64),
+             "i8": torch.arange(3, dtype=torch.int8), "scalar": torch.tensor(2.5),
+             "empty": torch.zeros(0, 3), **dict(model.state_dict())}
+    metadata = {"format": "x", "model": '{"name":"m"}', "épée": "é", "epoch": "12"}
+    assert b"".join(safetensors_parts(mixed, metadata)) == sorted_safetensors(
+        save(mixed, metadata=metadata))
+
+    path = tmp_path / "epoch_0001.safetensors"
+    digest = save_checkpoint(path, model.state_dict(), {"epoch": "1"})
+    expected = sorted_safetensors(save(dict(model.state_dict()),
+                                       metadata={"format": "reaction-checkpoint", "epoch": "1"}))
+    assert path.read_bytes() == expected and digest == hashlib.sha256(expected).hexdigest()
+    save_resume_state(tmp_path / "resume.safetensors", model.state_dict(),
+                      optimizer.state_dict(), {"epoch": "1"})
+    tensors = {f"model.{name}": tensor for name, tensor in model.state_dict().items()}
+    for index, state in optimizer.state_dict()["state"].items():
+        tensors.update({f"optimizer.{index}.{name}": value for name, value in state.items()})
+    header = {"format": "reaction-resume", "epoch": "1", "optimizer_param_groups":
+              json.dumps(optimizer.state_dict()["param_groups"])}
+    assert (tmp_path / "resume.safetensors").read_bytes() == sorted_safetensors(
+        save(tensors, metadata=header))
+
+
+def test_an_atomic_write_of_several_parts_holds_them_in_turn(tmp_path):
+    parts = [b"head", memoryview(np.arange(5, dtype=np.uint8)), b"", b"tail"]
+    write_atomically(tmp_path / "f", *parts)
+    assert (tmp_path / "f").read_bytes() == b"head\x00\x01\x02\x03\x04tail"
+    assert [path.name for path in tmp_path.iterdir()] == ["f"]
 
 
 def test_equal_weights_give_byte_identical_checkpoints_across_processes(tmp_path):

@@ -16,16 +16,18 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from analyzer.reaction import ReactionOptions, compute_reaction
 from store.checkpoints import load_checkpoint, sha256_file
+from store.datasets import load_split, open_source, plan_splits
 from store.errors import InputError
 from store.results import read_split_results
 from store.runfile import read_provenance, read_run_info, read_training_curves
 from tests.conftest import ROOT, script, tree
 from trainer.models import ModelSpec, build_model
-from trainer.train import SavedCheckpoint, TrainConfig, train
+from trainer.train import SavedCheckpoint, TrainConfig, epoch_generator, train
 
 CURVES = ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "val_class_loss",
           "val_class_accuracy")
@@ -259,6 +261,57 @@ def test_a_checkpoint_writer_runs_after_the_checkpoint_and_before_the_commit(tmp
     train(TrainConfig(epochs=2), tmp_path / "run", progress=False,
           checkpoint_writers=[recorder])
     assert recorder.seen == [(1, True, 0), (2, True, 1)]
+
+
+def test_the_trainer_computes_what_a_plain_loop_computes(tmp_path):
+    """Weights bit for bit, curves to rounding, against a hand-written loop (same seeds)."""
+    config = TrainConfig(epochs=3, seed=5, batch_size=64)
+    run = train(config, tmp_path / "run", progress=False)
+    source = open_source("digits")
+    plan = plan_splits(source, config.val_fraction, config.seed)
+    images, labels = (torch.as_tensor(array) for array in (
+        load_split(source, plan, "train", 1, (8, 8)).images, plan.labels["train"]))
+    val_images = torch.as_tensor(load_split(source, plan, "val", 1, (8, 8)).images)
+    val_labels = torch.as_tensor(plan.labels["val"])
+    torch.manual_seed(config.seed)
+    model = build_model(ModelSpec("small", 1, (8, 8), 10))
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate)
+    curves = read_training_curves(run)
+    for epoch in range(1, 4):
+        generator = epoch_generator(config.seed, epoch)
+        order = torch.randperm(len(labels), generator=generator)
+        torch.manual_seed(int(torch.randint(2**62, (1,), generator=generator)))
+        model.train()
+        losses, hits = [], 0
+        for batch in order.split(config.batch_size):
+            logits = model(images[batch])
+            loss = torch.nn.functional.cross_entropy(logits, labels[batch])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            losses.append(float(loss.detach()) * len(batch))
+            hits += int((logits.argmax(1) == labels[batch]).sum())
+        model.eval()
+        with torch.no_grad():
+            logits = model(val_images)
+        val_loss = torch.nn.functional.cross_entropy(logits, val_labels, reduction="none")
+        val_loss, val_hit = val_loss.double().numpy(), (logits.argmax(1) == val_labels).numpy()
+        row = epoch - 1
+        np.testing.assert_allclose(curves["train_loss"][row], sum(losses) / len(labels),
+                                   rtol=1e-6)
+        assert curves["train_accuracy"][row] == hits / len(labels)
+        np.testing.assert_allclose(curves["val_loss"][row], val_loss.mean(), rtol=1e-12)
+        assert curves["val_accuracy"][row] == val_hit.mean()
+        per_class = [val_labels.numpy() == label for label in range(10)]
+        np.testing.assert_allclose(curves["val_class_loss"][row],
+                                   [val_loss[members].mean() for members in per_class],
+                                   rtol=1e-12)
+        np.testing.assert_array_equal(curves["val_class_accuracy"][row],
+                                      [val_hit[members].mean() for members in per_class])
+        stored, _ = load_checkpoint(run.parent / "checkpoints" / curves["checkpoint_file"][row])
+        assert stored.keys() == model.state_dict().keys()
+        for name, tensor in model.state_dict().items():
+            assert torch.equal(stored[name], tensor), (epoch, name)
 
 
 def start_training(out: Path, epochs: int, resume: bool = False,
