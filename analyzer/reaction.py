@@ -43,6 +43,7 @@ from analyzer.distributed import (
     torchrun_ranks,
 )
 from analyzer.inputs import find_run_file
+from analyzer.memory import keep_freed_memory
 from analyzer.pass_setup import Pass, PassRequest, set_up_pass
 from analyzer.plan import (
     CheckpointWatcher,
@@ -114,6 +115,7 @@ def compute_reaction(options: ReactionOptions, progress: bool = True) -> Reactio
         raise InputError("--follow runs in one process: start it without torchrun")
     selection = EpochSelection(options.epochs)
     signals = StopSignals()
+    keep_freed_memory()  # no page faults for every batch's tensors (analyzer/memory.py)
     # Under torchrun, SIGTERM keeps its default action: torchrun ends the job with it while a
     # rank waits inside a message, which a Python handler would only see afterwards.
     with signals if ranks is None else contextlib.nullcontext(), \
