@@ -86,7 +86,8 @@ _T0, _C0 = time.perf_counter(), time.process_time()  # the stage timer counts fr
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    # no abbreviations: the stage timer passes `analyzer reaction --backend ...` through
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     parser.add_argument("--work", type=Path, default=None,
                         help="folder for the workload (default: a temporary one)")
     parser.add_argument("--baseline", type=Path, default=None,
