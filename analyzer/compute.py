@@ -49,13 +49,15 @@ class SplitsOnDevice:
 
 
 def compute_results(plan: Iterable[PendingCheckpoint], kind: BackendKind,
-                    data: SplitsOnDevice, num_classes: int,
-                    batch_size: int) -> Iterator[CheckpointResults]:
+                    data: SplitsOnDevice, num_classes: int, batch_size: int,
+                    preloaded: LoadedCheckpoint | None = None) -> Iterator[CheckpointResults]:
     """Yield the results of each planned checkpoint, for all its pending splits.
 
     ``plan`` may be a follower's endless iterator: it is advanced in the background thread.
+    ``preloaded`` (the preflight's checkpoint) is used instead of loading that checkpoint
+    again when it comes up first.
     """
-    for loaded, pending in _prefetched(plan, kind):
+    for loaded, pending in _prefetched(plan, kind, preloaded):
         backend = kind.backend(loaded)
         results = {}
         for name in pending.splits:
@@ -72,14 +74,21 @@ def compute_results(plan: Iterable[PendingCheckpoint], kind: BackendKind,
         yield CheckpointResults(loaded.checkpoint.epoch, results)
 
 
-def _prefetched(plan: Iterable[PendingCheckpoint], kind: BackendKind
+def _prefetched(plan: Iterable[PendingCheckpoint], kind: BackendKind,
+                preloaded: LoadedCheckpoint | None = None
                 ) -> Iterator[tuple[LoadedCheckpoint, PendingCheckpoint]]:
     """Each planned checkpoint loaded; the next is taken and loaded in the background."""
     items = iter(plan)
+    kept = [preloaded] if preloaded is not None else []
 
     def next_loaded() -> tuple[LoadedCheckpoint, PendingCheckpoint] | None:
         pending = next(items, None)
-        return None if pending is None else (kind.load(pending.checkpoint), pending)
+        if pending is None:
+            return None
+        first = kept.pop() if kept else None  # only ever the first checkpoint of the plan
+        if first is not None and first.checkpoint == pending.checkpoint:
+            return first, pending
+        return kind.load(pending.checkpoint), pending
 
     with ThreadPoolExecutor(max_workers=1) as pool:
         future = pool.submit(next_loaded)

@@ -15,6 +15,7 @@ import numpy as np
 from torch import nn
 
 from analyzer.model_factory import default_layer, resolve_model
+from store.checkpoints import read_checkpoint_metadata
 from store.datasets import SPLITS, folder_images, open_source, read_folder_images
 from store.errors import InputError
 from store.model_files import CheckpointFile, load_weights_file, strip_common_prefix
@@ -178,9 +179,12 @@ def _size(size: tuple[int, int]) -> str:
 
 
 def _checkpoint_metadata(checkpoint: CheckpointFile) -> dict[str, str]:
-    if checkpoint.path.suffix.lower() not in (".safetensors", ".onnx"):
+    suffix = checkpoint.path.suffix.lower()
+    if suffix == ".onnx":
+        return load_weights_file(checkpoint.path).metadata
+    if suffix != ".safetensors":
         return {}
-    return load_weights_file(checkpoint.path).metadata
+    return read_checkpoint_metadata(checkpoint.path)  # the header only: the weights come later
 
 
 def _metadata_shape(metadata: dict[str, str], checkpoint: CheckpointFile,

@@ -146,16 +146,19 @@ class OnnxBackend:
         device: ``cpu`` or a CUDA device (see :func:`onnx_device`); the images and labels
             passed to :meth:`compute` must be there.
         threads: intra-op threads; default one per core (:func:`intra_op_threads`).
+        session: a CPU session already built for this file with the default options
+            (:func:`cpu_session`), used instead of a new one on the CPU.
     """
 
     name = "onnx"
 
     def __init__(self, file: OnnxFile, device: torch.device | str = "cpu",
-                 threads: int | None = None) -> None:
+                 threads: int | None = None, session: object | None = None) -> None:
         self.file = file
         self.contract = file.contract
         self.device = torch.device(device)
-        self.session = _session(file, self.device, threads)
+        reusable = session is not None and self.device.type == "cpu" and threads is None
+        self.session = session if reusable else _session(file, self.device, threads)
         self._inputs = {value.name for value in self.session.get_inputs()}
         self._cam_shape = next((value.shape[1:] for value in self.session.get_outputs()
                                 if value.name == CAM), None)
@@ -280,6 +283,8 @@ class OnnxKind(BackendKind):
                                  "files; analyse exported programs with --backend torch")
             payload = checkpoint_bytes(self._exporter, checkpoint, weights.state_dict, sha)
             file = OnnxFile(checkpoint.path, payload, sha, self._exporter.contract)
+            return LoadedCheckpoint(checkpoint, sha, OnnxBackend(
+                file, self.setup.device, session=self._exporter.checked_session(payload)))
         return LoadedCheckpoint(checkpoint, file.sha256, OnnxBackend(file, self.setup.device))
 
     def backend(self, loaded: LoadedCheckpoint) -> OnnxBackend:

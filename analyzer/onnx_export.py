@@ -121,6 +121,7 @@ class ReactionGraphExporter:
         self._template.metadata_props.extend(_entries(self._metadata))
         self.contract: OnnxContract = contract_of(self._template, Path("exported graph"))
         self._verified = False
+        self._checked: tuple[bytes, object] | None = None  # the checked file and its session
 
     def load_weights(self, state_dict: dict[str, Tensor]) -> None:
         """Put a checkpoint's weights in (InputError naming the keys that do not fit)."""
@@ -149,10 +150,19 @@ class ReactionGraphExporter:
         model.metadata_props.extend(_entries({k: v for k, v in per_file.items() if v}))
         payload = model.SerializeToString()
         if not self._verified:
-            _verify(payload, self.backend, self.channels, self.image_size,
-                    self.contract.num_classes)
+            session = _verify(payload, self.backend, self.channels, self.image_size,
+                              self.contract.num_classes)
             self._verified = True
+            self._checked = (payload, session)
         return payload
+
+    def checked_session(self, payload: bytes) -> object | None:
+        """The CPU session the self-check built for ``payload`` (once), else None.
+
+        The first file's session is built once: for the check, then for the analysis.
+        """
+        checked, self._checked = self._checked, None
+        return checked[1] if checked is not None and checked[0] is payload else None
 
 
 def _file_metadata(settings: ExportSettings, channels: int, image_size: tuple[int, int],
@@ -219,8 +229,8 @@ def _trace_and_export(graph: _ReactionGraph, channels: int,
     outputs = [LOGITS, REACTION, EMPTY] + ([CAM] if graph.with_maps else [])
     try:
         with _quiet():
-            traced = make_fx(reaction_graph, tracing_mode="symbolic")(images, targets,
-                                                                       *tensors.values())
+            traced = make_fx(reaction_graph, tracing_mode="symbolic")(
+                *_batch_symbolic(images, targets, *tensors.values()))
             program = torch.onnx.export(
                 traced.eval(), (images, targets, *tensors.values()), dynamo=True,
                 input_names=[IMAGES, TARGETS, *names], output_names=outputs,
@@ -235,6 +245,33 @@ def _trace_and_export(graph: _ReactionGraph, channels: int,
     return _weights_as_initializers(program.model_proto, names)
 
 
+def _batch_symbolic(images: Tensor, targets: Tensor, *weights: Tensor) -> list[Tensor]:
+    """Fake copies of the trace's inputs whose only symbolic size is the batch.
+
+    ``make_fx(tracing_mode="symbolic")`` on real tensors makes every size symbolic, every
+    weight's included, and spends ten times longer reasoning about their shapes than this
+    (docs/BENCHMARKS.md, "Fixed cost"); the exported graph is the same.
+    """
+    from torch._dynamo.source import ConstantSource
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.symbolic_shapes import (
+        DimDynamic,
+        ShapeEnv,
+        StatelessSymbolicContext,
+    )
+
+    mode = FakeTensorMode(shape_env=ShapeEnv())
+
+    def fake(index: int, tensor: Tensor, batched: bool) -> Tensor:
+        sizes = [DimDynamic.DYNAMIC if batched and axis == 0 else DimDynamic.STATIC
+                 for axis in range(tensor.dim())]
+        return mode.from_tensor(tensor, source=ConstantSource(f"input{index}"),
+                                symbolic_context=StatelessSymbolicContext(dynamic_sizes=sizes))
+
+    return [fake(0, images, True), fake(1, targets, True),
+            *(fake(index, weight, False) for index, weight in enumerate(weights, start=2))]
+
+
 def _weights_as_initializers(model, names: list[str]) -> tuple[object, list[str]]:
     """Drop the weight inputs from the graph's inputs; the used ones return as initializers."""
     used = {name for node in model.graph.node for name in node.input}
@@ -247,8 +284,9 @@ def _weights_as_initializers(model, names: list[str]) -> tuple[object, list[str]
 
 
 def _verify(payload: bytes, backend: TorchBackend, channels: int,
-            image_size: tuple[int, int], num_classes: int) -> None:
-    """Run the exported graph on random images with ONNX Runtime; compare with PyTorch.
+            image_size: tuple[int, int], num_classes: int) -> object:
+    """Run the exported graph on random images with ONNX Runtime; compare with PyTorch;
+    return the CPU session it ran in.
 
     A map entry within float32 rounding of zero may change sign between the two, and with it
     one image's Reaction; a conversion error shows on most images, so two are let pass.
@@ -261,7 +299,8 @@ def _verify(payload: bytes, backend: TorchBackend, channels: int,
     targets = torch.randint(num_classes, (batch,), generator=generator)
     expected = backend.compute(images, targets)
     try:
-        logits, reaction = cpu_session(payload).run(
+        session = cpu_session(payload)
+        logits, reaction = session.run(
             [LOGITS, REACTION], {IMAGES: images.numpy(), TARGETS: targets.numpy()})
     except Exception as error:  # onnxruntime raises its own types
         lines = str(error).strip().splitlines()
@@ -275,6 +314,7 @@ def _verify(payload: bytes, backend: TorchBackend, channels: int,
             error = float(np.abs(got - want).max())
             raise InputError(f"the exported ONNX graph does not reproduce the PyTorch backend "
                              f"({name} differs by up to {error:.3g}): please report this model")
+    return session
 
 
 class OnnxTwinWriter:

@@ -28,6 +28,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from analyzer.backends import LoadedCheckpoint
 from analyzer.compute import SplitsOnDevice, compute_results, per_image_results
 from analyzer.distributed import (
     Ranks,
@@ -55,6 +56,7 @@ from store.errors import InputError
 from store.model_files import CHECKPOINT_SUFFIXES, CheckpointFile
 from store.results import ResultsSink
 from store.runfile import RUN_FILE, read_run_info
+from trainer.allocator import keep_freed_memory
 
 logger = logging.getLogger(__name__)
 
@@ -113,6 +115,7 @@ def compute_reaction(options: ReactionOptions, progress: bool = True) -> Reactio
         raise InputError("--follow runs in one process: start it without torchrun")
     selection = EpochSelection(options.epochs)
     signals = StopSignals()
+    keep_freed_memory()  # no page faults for every batch's tensors (trainer/allocator.py)
     # Under torchrun, SIGTERM keeps its default action: torchrun ends the job with it while a
     # rank waits inside a message, which a Python handler would only see afterwards.
     with signals if ranks is None else contextlib.nullcontext(), \
@@ -161,7 +164,8 @@ def _analyse(options: ReactionOptions, analysis: Pass, selection: EpochSelection
         committed = read_run_info(run_file).completed_epochs
         checkpoints = [c for c in checkpoints if c.epoch <= committed]
     data = SplitsOnDevice(inputs.splits, analysis.kind.setup.device)
-    _preflight(analysis, checkpoints[0] if checkpoints else analysis.checkpoints[0], data)
+    first = _preflight(analysis, checkpoints[0] if checkpoints else analysis.checkpoints[0],
+                       data)
     results_path = _results_path(options, run_file)
     split_names = [split.name for split in inputs.splits]
     device = str(analysis.kind.setup.device)
@@ -169,18 +173,19 @@ def _analyse(options: ReactionOptions, analysis: Pass, selection: EpochSelection
         devices = gather_devices(device, ranks)
         if not ranks.writer:
             return _compute_share(options, analysis, data, results_path, checkpoints,
-                                  split_names, ranks)
+                                  split_names, ranks, first)
     with _open_sink(results_path, analysis, checkpoints,
                     devices if ranks is not None else [device]) as sink:
         return _store_pass(options, analysis, sink, checkpoints, data, selection, signals,
-                           progress, ranks)
+                           progress, ranks, first)
 
 
 def _store_pass(options: ReactionOptions, analysis: Pass, sink: ResultsSink,
                 checkpoints: list[CheckpointFile], data: SplitsOnDevice,
                 selection: EpochSelection, signals: StopSignals, progress: bool,
-                ranks: Ranks | None) -> ReactionSummary:
-    """Rank 0 or the only process: plan what ``sink`` lacks, compute it, store it."""
+                ranks: Ranks | None, first: LoadedCheckpoint) -> ReactionSummary:
+    """Rank 0 or the only process: plan what ``sink`` lacks, compute it, store it
+    (``first``: the preflight's checkpoint, not loaded again)."""
     inputs, run_file, results_path = analysis.inputs, analysis.run_file, sink.path
     split_names = [split.name for split in inputs.splits]
     pending = plan_pending(checkpoints, split_names, sink.done, results_path)
@@ -203,7 +208,8 @@ def _store_pass(options: ReactionOptions, analysis: Pass, sink: ResultsSink,
         plan = _followed(pending, watcher, split_names)
     bar = _ProgressBar(progress, len(pending), watcher, sink)
     results = compute_results(plan if ranks is None else own_share(pending, ranks),
-                              analysis.kind, data, len(inputs.class_names), options.batch_size)
+                              analysis.kind, data, len(inputs.class_names), options.batch_size,
+                              first)
     if ranks is not None:
         images = {split.name: len(split.identity.ids) for split in inputs.splits}
         results = results_in_plan_order(pending, results, images, len(inputs.class_names),
@@ -229,13 +235,13 @@ def _store_pass(options: ReactionOptions, analysis: Pass, sink: ResultsSink,
 
 def _compute_share(options: ReactionOptions, analysis: Pass, data: SplitsOnDevice,
                    results_path: Path, checkpoints: list[CheckpointFile], split_names: list[str],
-                   ranks: Ranks) -> ReactionSummary:
+                   ranks: Ranks, first: LoadedCheckpoint) -> ReactionSummary:
     """A rank other than 0: compute this rank's share of rank 0's plan and send each result
     to rank 0."""
     plan = own_share(share_plan(None, checkpoints, split_names, ranks), ranks)
     summary = ReactionSummary(results_path, writer=False)
     for result in compute_results(plan, analysis.kind, data, len(analysis.inputs.class_names),
-                                  options.batch_size):
+                                  options.batch_size, first):
         send_results(result, ranks)
         summary.analysed += 1
     return summary
@@ -271,14 +277,17 @@ def _wait_for_first_checkpoint(options: ReactionOptions, selection: EpochSelecti
             raise StopRequested("stopped while waiting")
 
 
-def _preflight(analysis: Pass, first: CheckpointFile, data: SplitsOnDevice) -> None:
-    """Fail on a model, layer or class-count mismatch before any file is touched."""
+def _preflight(analysis: Pass, first: CheckpointFile, data: SplitsOnDevice
+               ) -> LoadedCheckpoint:
+    """Fail on a model, layer or class-count mismatch before any file is touched; return the
+    checkpoint loaded for it (the pass computes it without reading it again)."""
     loaded = analysis.kind.load(first)
     backend = analysis.kind.backend(loaded)
     name = analysis.inputs.splits[0].name
     images, labels = data.tensors[name]
     per_image_results(backend, images[:2], labels[:2], 2, len(analysis.inputs.class_names),
                       first)
+    return loaded
 
 
 def _results_path(options: ReactionOptions, run_file: Path | None) -> Path:

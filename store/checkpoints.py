@@ -26,6 +26,7 @@ RESUME_FORMAT = "reaction-resume"
 RESUME_FILE = "resume.safetensors"
 _OPTIMIZER_PREFIX = "optimizer."
 _MODEL_PREFIX = "model."
+_MAX_HEADER_BYTES = 100 * 2**20  # safetensors' own limit
 
 
 def checkpoint_name(epoch: int) -> str:
@@ -101,6 +102,30 @@ def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]
     except (SafetensorError, ValueError, json.JSONDecodeError) as error:
         raise InputError(f"checkpoint {path} is corrupt or truncated: {error}") from None
     return tensors, metadata
+
+
+def read_checkpoint_metadata(path: Path) -> dict[str, str]:
+    """The metadata of a safetensors checkpoint, reading only its header; InputError if that
+    is unreadable (the tensors are checked when the checkpoint is loaded)."""
+    try:
+        with open(path, "rb") as handle:
+            size = int.from_bytes(handle.read(8), "little")
+            if size > _MAX_HEADER_BYTES:
+                raise ValueError(f"header of {size} bytes")
+            text = handle.read(size)
+        if size == 0 or len(text) != size:
+            raise ValueError("the header is cut short")
+        header = json.loads(text)
+        metadata = header.get("__metadata__", {}) if isinstance(header, dict) else None
+        if not isinstance(metadata, dict):
+            raise ValueError("the header is not a JSON object")
+    except FileNotFoundError:
+        raise InputError(f"checkpoint not found: {path}") from None
+    except OSError as error:
+        raise InputError(f"cannot read checkpoint {path}: {error.strerror}") from None
+    except (ValueError, UnicodeDecodeError) as error:
+        raise InputError(f"checkpoint {path} is corrupt or truncated: {error}") from None
+    return metadata
 
 
 def _read_bytes(path: Path, what: str) -> bytes:

@@ -21,6 +21,7 @@ from store.checkpoints import (
     checkpoint_name,
     load_checkpoint,
     load_resume_state,
+    read_checkpoint_metadata,
     safetensors_parts,
     save_checkpoint,
     save_resume_state,
@@ -227,6 +228,34 @@ def test_damaged_checkpoint_is_named_in_one_line(tmp_path, damage):
         path.unlink()
     with pytest.raises(InputError, match=r"epoch_0001\.safetensors") as error:
         load_checkpoint(path)
+    assert "\n" not in str(error.value)
+
+
+def test_checkpoint_metadata_from_the_header_alone_equals_the_full_read(tmp_path):
+    path = tmp_path / "epoch_0002.safetensors"
+    save_checkpoint(path, {"w": torch.randn(1000)}, {"epoch": "2", "classes": '["a", "b"]'})
+    assert read_checkpoint_metadata(path) == load_checkpoint(path)[1]
+    payload = path.read_bytes()
+    path.write_bytes(payload[:-100])  # tensors cut short: the header still reads (the load
+    assert read_checkpoint_metadata(path)["epoch"] == "2"  # of the weights refuses it)
+    with pytest.raises(InputError, match="corrupt or truncated"):
+        load_checkpoint(path)
+
+
+@pytest.mark.parametrize("damage", ["header cut", "garbage", "empty", "missing", "huge size"])
+def test_a_damaged_checkpoint_header_is_named_in_one_line(tmp_path, damage):
+    path = tmp_path / "epoch_0001.safetensors"
+    save_checkpoint(path, {"w": torch.randn(100)}, {"epoch": "1"})
+    payload = path.read_bytes()
+    header_size = int.from_bytes(payload[:8], "little")
+    damaged = {"header cut": payload[:8 + header_size // 2], "garbage": b"\x00" * 8 + b"junk",
+               "empty": b"", "huge size": (2**40).to_bytes(8, "little") + payload[8:]}
+    if damage == "missing":
+        path.unlink()
+    else:
+        path.write_bytes(damaged[damage])
+    with pytest.raises(InputError, match=r"epoch_0001\.safetensors") as error:
+        read_checkpoint_metadata(path)
     assert "\n" not in str(error.value)
 
 

@@ -1,4 +1,5 @@
-"""Keep freed memory in the process: training reallocates the same activation buffers every batch.
+"""Keep freed memory in the process: training, and the analyzer's passes, reallocate the same
+activation buffers every batch (``train`` and ``compute_reaction`` call this).
 
 With glibc's defaults, a buffer above the (adaptive) mmap threshold is mapped fresh on every
 allocation and unmapped on free, and a heap whose free top grows beyond the trim threshold is
@@ -26,6 +27,9 @@ def keep_freed_memory() -> bool:
     there is no undoing it); return whether glibc took both settings."""
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return False
-    mallopt = ctypes.CDLL(None).mallopt
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):  # no C library symbols, or a libc without mallopt
+        return False
     return bool(mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD)) and bool(
         mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD))
