@@ -6,9 +6,11 @@ scaled by ``s`` per output channel and its bias ``(b - mean) * s + beta``. One p
 activation (the normalisation) is saved per pair.
 
 Only a pattern whose meaning cannot change is folded: a ``Conv2d`` and a ``BatchNorm2d`` that
-are consecutive children of a plain ``nn.Sequential`` (so the conv's output goes to the norm
-and nowhere else), each used once in the model, without hooks, with running statistics, and
-neither of them the Grad-CAM layer (whose output must stay the tensor it names). The user's
+are consecutive children of a plain ``nn.Sequential``, each used once in the model, without
+hooks, with running statistics, neither of them the Grad-CAM layer (whose output must stay the
+tensor it names), and the conv called, in a probe forward pass, only from inside that
+Sequential's own forward (so its output goes to the norm and nowhere else: a model that calls
+``features[0]`` itself could use the conv's output twice). The user's
 model is not touched: the copy shares every other parameter and buffer with it (so a
 checkpoint loaded into the model is in the copy too) and has new convs, refolded per
 checkpoint by :meth:`FoldedNetwork.refold`.
@@ -19,10 +21,11 @@ from __future__ import annotations
 import copy
 import itertools
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 
 @dataclass(frozen=True)
@@ -41,9 +44,13 @@ class FoldedNetwork:
     folds: tuple[_Fold, ...]
 
     @classmethod
-    def build(cls, model: nn.Module, layer: str) -> FoldedNetwork | None:
-        """The folded copy of ``model``, with ``layer`` kept as it is; None if nothing folds."""
-        pairs = foldable_pairs(model, layer)
+    def build(cls, model: nn.Module, layer: str, probe: Tensor) -> FoldedNetwork | None:
+        """The folded copy of ``model``, with ``layer`` kept as it is; None if nothing folds.
+
+        ``probe``: a batch of images for one eval-mode forward of ``model`` (no autograd)
+        that sees from where each conv is called.
+        """
+        pairs = called_from_their_sequence(model, foldable_pairs(model, layer), probe)
         if not pairs:
             return None
         shared = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
@@ -97,6 +104,42 @@ def foldable_pairs(model: nn.Module, layer: str) -> list[tuple[str, str, str]]:
                     uses[id(conv)] == 1 and uses[id(norm)] == 1:
                 pairs.append((name, conv_name, norm_name))
     return pairs
+
+
+def called_from_their_sequence(model: nn.Module, pairs: list[tuple[str, str, str]],
+                               probe: Tensor) -> list[tuple[str, str, str]]:
+    """The pairs whose conv runs, in a forward pass of ``probe``, only inside its Sequential's
+    forward; the model's train/eval mode is restored."""
+    modules = dict(model.named_modules())
+    inside: Counter[str] = Counter()
+    outside: set[tuple[str, str, str]] = set()
+    handles = []
+
+    def entering(parent: str) -> Callable[..., None]:
+        return lambda *_: inside.update([parent])
+
+    def leaving(parent: str) -> Callable[..., None]:
+        return lambda *_: inside.subtract([parent])
+
+    def calling(pair: tuple[str, str, str]) -> Callable[..., None]:
+        return lambda *_: None if inside[pair[0]] > 0 else outside.add(pair)
+
+    for parent in {pair[0] for pair in pairs}:
+        handles += [modules[parent].register_forward_pre_hook(entering(parent)),
+                    modules[parent].register_forward_hook(leaving(parent))]
+    for pair in pairs:
+        handles.append(modules[pair[0]].get_submodule(pair[1]).register_forward_pre_hook(
+            calling(pair)))
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(probe)
+    finally:
+        model.train(was_training)
+        for handle in handles:
+            handle.remove()
+    return [pair for pair in pairs if pair not in outside]
 
 
 def _foldable(conv: nn.Module, norm: nn.Module) -> bool:

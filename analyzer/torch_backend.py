@@ -196,8 +196,8 @@ class TorchBackend:
         A model with nothing to fold is computed as it is, silently."""
         self._fold_undecided = False
         try:
-            folded = FoldedNetwork.build(self.model, self.layer)
-        except (TypeError, RuntimeError, AttributeError, copy.Error) as error:
+            folded = FoldedNetwork.build(self.model, self.layer, images[:1])
+        except _MODEL_ERRORS as error:
             logger.warning(f"batch norm is not folded into the convolutions: the model cannot "
                            f"be copied ({first_line(error)})")
             return reference
@@ -211,7 +211,7 @@ class TorchBackend:
             same = all(_close(a, b) for a, b in ((candidate.logits, reference.logits),
                                                  (candidate.reaction, reference.reaction)))
             why = "its results differ"
-        except RuntimeError as error:
+        except _MODEL_ERRORS as error:  # a forward that reads a replaced module's attributes
             same, why = False, first_line(error)
         if same:
             return candidate
@@ -288,6 +288,11 @@ class TorchBackend:
         cam = grad_cam_map(activation, gradients)
         reaction, empty = reaction_from_map(cam)
         return BatchResult(logits.detach(), reaction, empty, cam if keep_maps else None)
+
+
+# What copying a model, or running its copy, may raise: refused, with a note, not fatal.
+_MODEL_ERRORS = (RuntimeError, TypeError, AttributeError, ValueError, KeyError, IndexError,
+                 copy.Error)
 
 
 def _close(candidate: Tensor, reference: Tensor) -> bool:
