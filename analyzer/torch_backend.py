@@ -199,7 +199,7 @@ class TorchBackend:
             folded = FoldedNetwork.build(self.model, self.layer, images[:1])
         except _MODEL_ERRORS as error:
             logger.warning(f"batch norm is not folded into the convolutions: the model cannot "
-                           f"be copied ({first_line(error)})")
+                           f"be copied or probed ({first_line(error)})")
             return reference
         if folded is None:
             return reference

@@ -7,6 +7,7 @@ tests/test_torch_backend.py, run on the user's (unfolded) model.
 from __future__ import annotations
 
 import copy
+import threading
 from collections.abc import Iterator
 
 import pytest
@@ -172,3 +173,31 @@ def test_a_backend_without_fold_batch_norm_computes_the_model_itself() -> None:
     backend = TorchBackend(model, ReactionSpec("features.12"), "cpu")
     backend.compute(*random_batch(4, (1, 36, 60), 13, 43))
     assert not backend.batch_norm_folded  # as the ONNX export traces it (analyzer.onnx_export)
+
+
+class HoldsALock(nn.Module):
+    """A zoo-like Sequential in a model that cannot be deep-copied (it holds a lock)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6),
+                                      nn.ReLU())
+        self.head = nn.Linear(6 * 5 * 5, 4)
+        self.lock = threading.Lock()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.features(x).flatten(1))
+
+
+def test_a_model_that_cannot_be_copied_is_computed_unfolded_with_a_note(caplog) -> None:
+    torch.manual_seed(44)
+    model = HoldsALock()
+    images, labels = random_batch(20, (3, 5, 5), 4, 44)
+    plain = TorchBackend(model, ReactionSpec("features.2"), "cpu").compute(images, labels)
+    backend = TorchBackend(model, ReactionSpec("features.2"), "cpu", fold_batch_norm=True)
+    with caplog.at_level("WARNING"):
+        result = backend.compute(images, labels)
+    assert not backend.batch_norm_folded
+    assert [r for r in caplog.records if "cannot be copied" in r.getMessage()]
+    assert torch.equal(result.reaction, plain.reaction)  # the same network, the same kernels
+    assert torch.equal(result.logits, plain.logits)
