@@ -11,6 +11,7 @@ summed target scores is every image's own gradient.
 from __future__ import annotations
 
 import contextlib
+import copy
 import difflib
 import logging
 from collections.abc import Iterator
@@ -20,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from analyzer.backends import BackendKind, BackendSetup, BatchResult, LoadedCheckpoint
+from analyzer.bn_fold import FoldedNetwork
 from analyzer.gradcam import grad_cam_map, reaction_from_map, target_scores
 from store.checkpoints import sha256_file
 from store.errors import InputError, first_line
@@ -105,12 +107,16 @@ class TorchBackend:
         channels_last: on a CPU, run the model and the images in the channels-last memory
             format (faster convolutions): True for models known to allow it (the zoo's),
             None to decide on the first batch (:meth:`_choose_layout`), False never.
+        fold_batch_norm: compute with a copy of the model in which each eval-mode batch norm
+            that provably follows only a conv is folded into it (:mod:`analyzer.bn_fold`),
+            kept if the first batch gives the same results (:meth:`_choose_folding`). The
+            model itself, and so :attr:`model`, stays unfolded.
     """
 
     name = "torch"
 
     def __init__(self, model: nn.Module, spec: ReactionSpec, device: str | torch.device = "cpu",
-                 channels_last: bool | None = False) -> None:
+                 channels_last: bool | None = False, fold_batch_norm: bool = False) -> None:
         self.spec = spec
         self.device = torch.device(device)
         on_cpu = self.device.type == "cpu"
@@ -124,6 +130,19 @@ class TorchBackend:
         self.layer = spec.layer
         self.module = find_layer(model, spec.layer)
         self._bytes_per_image: dict[tuple[int, ...], int] = {}
+        self._fold_undecided = fold_batch_norm
+        self._folded: FoldedNetwork | None = None
+
+    @property
+    def batch_norm_folded(self) -> bool:
+        """Whether batches are computed with batch norm folded into the convs."""
+        return self._folded is not None
+
+    def _network(self) -> tuple[nn.Module, nn.Module]:
+        """The network batches are computed with, and its Grad-CAM layer."""
+        if self._folded is not None:
+            return self._folded.model, self._folded.module
+        return self.model, self.module
 
     def load_weights(self, state_dict: dict[str, Tensor]) -> None:
         """Load a checkpoint's weights; InputError naming the keys that do not fit."""
@@ -136,6 +155,8 @@ class TorchBackend:
             raise InputError("weights do not fit the model: " + _describe_mismatch(
                 missing, unexpected, wrong_shape))
         self.model.load_state_dict(state_dict)
+        if self._folded is not None:
+            self._folded.refold()
 
     def compute(self, images: Tensor, labels: Tensor, keep_maps: bool = False) -> BatchResult:
         """Logits, Reaction and empty-map flags of a batch (eval mode, float32).
@@ -147,8 +168,8 @@ class TorchBackend:
         size = self._sub_batch_size(images)
         pairs = list(zip(images.split(size), labels.split(size), strict=True))
         parts = []
-        if self._layout_undecided and pairs:
-            parts.append(self._choose_layout(*pairs.pop(0), keep_maps))
+        if (self._layout_undecided or self._fold_undecided) and pairs:
+            parts.append(self._first_batch(*pairs.pop(0), keep_maps))
         parts += [self.compute_batch(part_images, part_labels, keep_maps)
                   for part_images, part_labels in pairs]
         if len(parts) == 1:
@@ -157,6 +178,47 @@ class TorchBackend:
                            torch.cat([p.reaction for p in parts]),
                            torch.cat([p.empty for p in parts]),
                            torch.cat([p.cam for p in parts]) if keep_maps else None)
+
+    def _first_batch(self, images: Tensor, labels: Tensor, keep_maps: bool) -> BatchResult:
+        """The first sub-batch, deciding the memory layout, then batch-norm folding."""
+        if self._layout_undecided:
+            reference = self._choose_layout(images, labels, keep_maps)
+        else:
+            reference = self.compute_batch(images, labels, keep_maps)
+        if self._fold_undecided:
+            return self._choose_folding(images, labels, keep_maps, reference)
+        return reference
+
+    def _choose_folding(self, images: Tensor, labels: Tensor, keep_maps: bool,
+                        reference: BatchResult) -> BatchResult:
+        """Compute the first batch again with batch norm folded; keep the folded copy if it
+        gives the unfolded network's results (rel. 1e-4), else compute unfolded, with a note.
+        A model with nothing to fold is computed as it is, silently."""
+        self._fold_undecided = False
+        try:
+            folded = FoldedNetwork.build(self.model, self.layer, images[:1])
+        except _MODEL_ERRORS as error:
+            logger.warning(f"batch norm is not folded into the convolutions: the model cannot "
+                           f"be copied or probed ({first_line(error)})")
+            return reference
+        if folded is None:
+            return reference
+        folded.set_memory_format(torch.channels_last if self.channels_last
+                                 else torch.contiguous_format)
+        self._folded = folded
+        try:
+            candidate = self.compute_batch(images, labels, keep_maps)
+            same = all(_close(a, b) for a, b in ((candidate.logits, reference.logits),
+                                                 (candidate.reaction, reference.reaction)))
+            why = "its results differ"
+        except _MODEL_ERRORS as error:  # a forward that reads a replaced module's attributes
+            same, why = False, first_line(error)
+        if same:
+            return candidate
+        self._folded = None
+        logger.warning(f"batch norm is not folded into the convolutions ({why}): the model "
+                       f"is computed as it is")
+        return reference
 
     def _choose_layout(self, images: Tensor, labels: Tensor, keep_maps: bool) -> BatchResult:
         """Compute a first batch in both memory layouts; keep channels-last if it gives the
@@ -188,8 +250,9 @@ class TorchBackend:
         """
         if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
-        with _eval_mode(self.model), torch.no_grad():
-            return torch.cat([self.model(part) for part in
+        network, _ = self._network()
+        with _eval_mode(network), torch.no_grad():
+            return torch.cat([network(part) for part in
                               images.split(self._sub_batch_size(images))])
 
     def _sub_batch_size(self, images: Tensor) -> int:
@@ -203,15 +266,17 @@ class TorchBackend:
     def compute_batch(self, images: Tensor, labels: Tensor, keep_maps: bool = False) -> BatchResult:
         """One forward and one ``autograd.grad`` for the whole batch, uncut.
 
-        This is the computation the ONNX export traces (:mod:`analyzer.onnx_export`).
+        This is the computation the ONNX export traces (:mod:`analyzer.onnx_export`), on a
+        backend that does not fold batch norm: the graph is the model's own.
         """
         if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
+        network, module = self._network()
         capture = _ActivationCapture(self.layer)
-        handle = self.module.register_forward_hook(capture)
+        handle = module.register_forward_hook(capture)
         try:
-            with _eval_mode(self.model), _frozen_parameters(self.model), torch.enable_grad():
-                logits = self.model(images)
+            with _eval_mode(network), _frozen_parameters(network), torch.enable_grad():
+                logits = network(images)
                 if capture.activation is None:
                     raise InputError(f"layer {self.layer!r} was not used by the forward pass")
                 targets = labels if self.spec.target == "label" else logits.argmax(dim=1)
@@ -223,6 +288,11 @@ class TorchBackend:
         cam = grad_cam_map(activation, gradients)
         reaction, empty = reaction_from_map(cam)
         return BatchResult(logits.detach(), reaction, empty, cam if keep_maps else None)
+
+
+# What copying a model, or running its copy, may raise: refused, with a note, not fatal.
+_MODEL_ERRORS = (RuntimeError, TypeError, AttributeError, ValueError, KeyError, IndexError,
+                 copy.Error)
 
 
 def _close(candidate: Tensor, reference: Tensor) -> bool:
@@ -286,7 +356,8 @@ class TorchKind(BackendKind):
         model = setup.inputs.model
         self._shared = None if model is None else TorchBackend(
             model, setup.spec, setup.device,
-            channels_last=True if setup.inputs.model_spec is not None else None)  # zoo: yes
+            channels_last=True if setup.inputs.model_spec is not None else None,  # zoo: yes
+            fold_batch_norm=True)
 
     @staticmethod
     def device(requested: str) -> torch.device:

@@ -1,8 +1,10 @@
 """A foreign model's memory layout: the torch backend on a copy of thesis Model II (50x200)
 built outside the zoo, in the default layout (channels_last=False, before 2026-12-02) and with
-the layout chosen on the first batch (channels_last=None, now), interleaved rounds, medians.
+the layout chosen on the first batch (channels_last=None), and that with batch norm folded into
+the convolutions (fold_batch_norm=True, as ``analyzer reaction`` runs it since 2026-12-02, also
+decided on the first batch), interleaved rounds, medians.
 
-    OMP_NUM_THREADS=2 python bench/foreign_layout.py --images 384 --rounds 5
+    OMP_NUM_THREADS=2 .venv/bin/python bench/foreign_layout.py --images 384 --rounds 5
 """
 
 from __future__ import annotations
@@ -32,7 +34,10 @@ def main() -> None:
     labels = torch.randint(0, 13, (options.images,))
     backends = {"default layout": TorchBackend(copy.deepcopy(zoo), spec, channels_last=False),
                 "chosen on the first batch": TorchBackend(copy.deepcopy(zoo), spec,
-                                                          channels_last=None)}
+                                                          channels_last=None),
+                "chosen, batch norm folded": TorchBackend(copy.deepcopy(zoo), spec,
+                                                          channels_last=None,
+                                                          fold_batch_norm=True)}
     seconds: dict[str, list[float]] = {name: [] for name in backends}
     results = {}
     for _ in range(options.rounds):
@@ -41,10 +46,11 @@ def main() -> None:
             results[name] = backend.compute(images, labels)
             seconds[name].append(time.perf_counter() - began)
     chosen = backends["chosen on the first batch"]
-    same = torch.allclose(results["default layout"].reaction,
-                          results["chosen on the first batch"].reaction, rtol=1e-4, atol=1e-6)
+    same = all(torch.allclose(results["default layout"].reaction, results[name].reaction,
+                              rtol=1e-4, atol=1e-6) for name in backends)
     print(f"{options.model} 50x200, {options.images} images, {torch.get_num_threads()} threads, "
           f"chosen layout: {'channels-last' if chosen.channels_last else 'default'}, "
+          f"batch norm folded: {backends['chosen, batch norm folded'].batch_norm_folded}, "
           f"same Reaction: {same}")
     base = statistics.median(seconds["default layout"][1:])
     for name, times in seconds.items():
