@@ -208,9 +208,7 @@ class TorchBackend:
         self._folded = folded
         try:
             candidate = self.compute_batch(images, labels, keep_maps)
-            same = all(_close(a, b) for a, b in ((candidate.logits, reference.logits),
-                                                 (candidate.reaction, reference.reaction)))
-            why = "its results differ"
+            same, why = _same_results(candidate, reference), "its results differ"
         except _MODEL_ERRORS as error:  # a forward that reads a replaced module's attributes
             same, why = False, first_line(error)
         if same:
@@ -230,9 +228,7 @@ class TorchBackend:
         self.channels_last = True
         try:
             candidate = self.compute_batch(images, labels, keep_maps)
-            same = all(_close(a, b) for a, b in ((candidate.logits, reference.logits),
-                                                 (candidate.reaction, reference.reaction)))
-            why = "its results differ"
+            same, why = _same_results(candidate, reference), "its results differ"
         except RuntimeError as error:
             same, why = False, first_line(error)
         if same:
@@ -293,6 +289,12 @@ class TorchBackend:
 # What copying a model, or running its copy, may raise: refused, with a note, not fatal.
 _MODEL_ERRORS = (RuntimeError, TypeError, AttributeError, ValueError, KeyError, IndexError,
                  copy.Error)
+
+
+def _same_results(candidate: BatchResult, reference: BatchResult) -> bool:
+    """Logits and Reaction of a batch equal up to float32 rounding (:func:`_close`)."""
+    return _close(candidate.logits, reference.logits) and \
+        _close(candidate.reaction, reference.reaction)
 
 
 def _close(candidate: Tensor, reference: Tensor) -> bool:
