@@ -181,7 +181,9 @@ def _size(size: tuple[int, int]) -> str:
 def _checkpoint_metadata(checkpoint: CheckpointFile) -> dict[str, str]:
     suffix = checkpoint.path.suffix.lower()
     if suffix == ".onnx":
-        return load_weights_file(checkpoint.path).metadata
+        from store.onnx_weights import read_onnx_metadata  # imports onnx: only for ONNX files
+
+        return read_onnx_metadata(checkpoint.path)
     if suffix != ".safetensors":
         return {}
     return read_checkpoint_metadata(checkpoint.path)  # the header only: the weights come later

@@ -40,6 +40,13 @@ def read_onnx_weights(path: Path) -> OnnxWeights:
                        {entry.key: entry.value for entry in model.metadata_props})
 
 
+def read_onnx_metadata(path: Path) -> dict[str, str]:
+    """The file's ``metadata_props`` (its weights are neither loaded nor converted)."""
+    path = Path(path)
+    model = _parse(_read_bytes(path), path)
+    return {entry.key: entry.value for entry in model.metadata_props}
+
+
 def read_onnx_conv_weights(path: Path) -> dict[str, np.ndarray]:
     """``{layer: kernel [filters, in-channels, kh, kw]}`` of the graph's Conv nodes, in order
     (the layer is the weight's name without ``.weight``)."""

@@ -82,3 +82,15 @@ def write_rgb_classes(root: Path, classes: tuple[str, ...], count: int) -> Path:
 def cli():
     """``cli("trainer", "run", ...)`` → CompletedProcess."""
     return run_cli
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module of many tiny per-image passes: with two threads on a busy
+    2-core machine, thread hand-offs cost 10-50x the arithmetic."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

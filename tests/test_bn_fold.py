@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import copy
 import threading
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -32,12 +31,7 @@ from trainer.models import ModelSpec, build_model
 NOTE = "batch norm is not folded"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _float64_logits(model: nn.Module, images: Tensor) -> Tensor:

@@ -8,7 +8,7 @@ target score, alpha_k = mean over H, W, L = ReLU(Î£_k alpha_k A^k), Reaction = Î
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import pytest
@@ -27,14 +27,7 @@ REL_TOL = 1e-5
 MAX_EXCLUDED_SHARE = 0.02
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    # Hundreds of tiny per-image passes: with two threads on a busy 2-core machine, thread
-    # hand-offs cost 10-50x the arithmetic. One thread keeps this file fast anywhere.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 # ---- foreign architectures, defined here -----------------------------------------------------
