@@ -14,6 +14,9 @@ Sequential's own forward (so its output goes to the norm and nowhere else: a mod
 model is not touched: the copy shares every other parameter and buffer with it (so a
 checkpoint loaded into the model is in the copy too) and has new convs, refolded per
 checkpoint by :meth:`FoldedNetwork.refold`.
+
+The same copy fuses each ReLU that follows a conv (folded or not) into it, on a CPU
+(:mod:`analyzer.conv_relu`), with the same conditions and the same probe.
 """
 
 from __future__ import annotations
@@ -27,6 +30,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from analyzer.conv_relu import ConvReLU, fusable_relus, hooked
+
 
 @dataclass(frozen=True)
 class _Fold:
@@ -37,21 +42,28 @@ class _Fold:
 
 @dataclass(frozen=True)
 class FoldedNetwork:
-    """A copy of a model with its foldable conv → batch-norm pairs folded."""
+    """A copy of a model with its foldable conv → batch-norm pairs folded and its fusable
+    conv → ReLU pairs fused."""
 
     model: nn.Module
     module: nn.Module       # the Grad-CAM layer in ``model``
     folds: tuple[_Fold, ...]
+    fused_relus: int = 0
 
     @classmethod
     def build(cls, model: nn.Module, layer: str, probe: Tensor) -> FoldedNetwork | None:
-        """The folded copy of ``model``, with ``layer`` kept as it is; None if nothing folds.
+        """The folded copy of ``model``, with ``layer`` kept as it is (or, a ReLU, fused into
+        its conv); None if nothing folds or fuses.
 
         ``probe``: a batch of images for one eval-mode forward of ``model`` (no autograd)
         that sees from where each conv is called.
         """
-        pairs = called_from_their_sequence(model, foldable_pairs(model, layer), probe)
-        if not pairs:
+        pairs = foldable_pairs(model, layer)
+        fusions = fusable_relus(model, layer, {(parent, norm) for parent, _, norm in pairs})
+        kept = called_from_their_sequence(model, pairs + fusions, probe)
+        pairs = [pair for pair in pairs if pair in kept]
+        fusions = [fusion for fusion in fusions if fusion in kept]
+        if not pairs and not fusions:
             return None
         shared = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
         network = copy.deepcopy(model, memo=shared)
@@ -65,7 +77,11 @@ class FoldedNetwork:
             setattr(copies[parent], conv_name, folded)  # same place in the Sequential's order
             setattr(copies[parent], norm_name, nn.Identity())  # names stay: layer found by name
             folds.append(_Fold(conv, norm, folded))
-        result = cls(network, copies[layer], tuple(folds))
+        for parent, conv_name, relu_name in fusions:
+            fused = ConvReLU(copies[parent].get_submodule(conv_name))  # folded, or a copy
+            setattr(copies[parent], conv_name, fused)
+            setattr(copies[parent], relu_name, nn.Identity())  # the layer may be this one
+        result = cls(network, network.get_submodule(layer), tuple(folds), len(fusions))
         result.refold()
         return result
 
@@ -146,12 +162,7 @@ def _foldable(conv: nn.Module, norm: nn.Module) -> bool:
     return (type(conv) is nn.Conv2d and type(norm) is nn.BatchNorm2d
             and norm.track_running_stats and norm.running_mean is not None
             and norm.running_var is not None and norm.num_features == conv.out_channels
-            and not any(_hooked(m) for m in (conv, norm)))
-
-
-def _hooked(module: nn.Module) -> bool:
-    return bool(module._forward_hooks or module._forward_pre_hooks
-                or module._backward_hooks or module._backward_pre_hooks)
+            and not any(hooked(m) for m in (conv, norm)))
 
 
 def _conv_with_bias(conv: nn.Conv2d) -> nn.Conv2d:

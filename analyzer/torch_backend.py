@@ -107,16 +107,17 @@ class TorchBackend:
         channels_last: on a CPU, run the model and the images in the channels-last memory
             format (faster convolutions): True for models known to allow it (the zoo's),
             None to decide on the first batch (:meth:`_choose_layout`), False never.
-        fold_batch_norm: compute with a copy of the model in which each eval-mode batch norm
+        fuse_layers: compute with a copy of the model in which each eval-mode batch norm
             that provably follows only a conv is folded into it (:mod:`analyzer.bn_fold`),
-            kept if the first batch gives the same results (:meth:`_choose_folding`). The
-            model itself, and so :attr:`model`, stays unfolded.
+            and on a CPU each ReLU that provably follows only a conv is fused into it
+            (:mod:`analyzer.conv_relu`); kept if the first batch gives the same results
+            (:meth:`_choose_folding`). The model itself, and so :attr:`model`, stays as it is.
     """
 
     name = "torch"
 
     def __init__(self, model: nn.Module, spec: ReactionSpec, device: str | torch.device = "cpu",
-                 channels_last: bool | None = False, fold_batch_norm: bool = False) -> None:
+                 channels_last: bool | None = False, fuse_layers: bool = False) -> None:
         self.spec = spec
         self.device = torch.device(device)
         on_cpu = self.device.type == "cpu"
@@ -130,13 +131,18 @@ class TorchBackend:
         self.layer = spec.layer
         self.module = find_layer(model, spec.layer)
         self._bytes_per_image: dict[tuple[int, ...], int] = {}
-        self._fold_undecided = fold_batch_norm
+        self._fold_undecided = fuse_layers
         self._folded: FoldedNetwork | None = None
 
     @property
     def batch_norm_folded(self) -> bool:
         """Whether batches are computed with batch norm folded into the convs."""
-        return self._folded is not None
+        return self._folded is not None and bool(self._folded.folds)
+
+    @property
+    def relu_fused(self) -> bool:
+        """Whether batches are computed with ReLUs fused into the convs."""
+        return self._folded is not None and self._folded.fused_relus > 0
 
     def _network(self) -> tuple[nn.Module, nn.Module]:
         """The network batches are computed with, and its Grad-CAM layer."""
@@ -180,7 +186,7 @@ class TorchBackend:
                            torch.cat([p.cam for p in parts]) if keep_maps else None)
 
     def _first_batch(self, images: Tensor, labels: Tensor, keep_maps: bool) -> BatchResult:
-        """The first sub-batch, deciding the memory layout, then batch-norm folding."""
+        """The first sub-batch, deciding the memory layout, then folding and fusing."""
         if self._layout_undecided:
             reference = self._choose_layout(images, labels, keep_maps)
         else:
@@ -191,15 +197,15 @@ class TorchBackend:
 
     def _choose_folding(self, images: Tensor, labels: Tensor, keep_maps: bool,
                         reference: BatchResult) -> BatchResult:
-        """Compute the first batch again with batch norm folded; keep the folded copy if it
-        gives the unfolded network's results (rel. 1e-4), else compute unfolded, with a note.
-        A model with nothing to fold is computed as it is, silently."""
+        """Compute the first batch again with batch norm folded and ReLUs fused; keep that
+        copy if it gives the model's own results (rel. 1e-4), else compute the model as it
+        is, with a note. A model with nothing to fold or fuse is computed as it is, silently."""
         self._fold_undecided = False
         try:
             folded = FoldedNetwork.build(self.model, self.layer, images[:1])
         except _MODEL_ERRORS as error:
-            logger.warning(f"batch norm is not folded into the convolutions: the model cannot "
-                           f"be copied or probed ({first_line(error)})")
+            logger.warning(f"batch norm and ReLU are not fused into the convolutions: the "
+                           f"model cannot be copied or probed ({first_line(error)})")
             return reference
         if folded is None:
             return reference
@@ -214,8 +220,8 @@ class TorchBackend:
         if same:
             return candidate
         self._folded = None
-        logger.warning(f"batch norm is not folded into the convolutions ({why}): the model "
-                       f"is computed as it is")
+        logger.warning(f"batch norm and ReLU are not fused into the convolutions ({why}): "
+                       f"the model is computed as it is")
         return reference
 
     def _choose_layout(self, images: Tensor, labels: Tensor, keep_maps: bool) -> BatchResult:
@@ -359,7 +365,7 @@ class TorchKind(BackendKind):
         self._shared = None if model is None else TorchBackend(
             model, setup.spec, setup.device,
             channels_last=True if setup.inputs.model_spec is not None else None,  # zoo: yes
-            fold_batch_norm=True)
+            fuse_layers=True)
 
     @staticmethod
     def device(requested: str) -> torch.device:

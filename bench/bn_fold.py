@@ -1,7 +1,9 @@
-"""Batch norm folded into the convolutions: the torch backend as the zoo runs it (CPU,
-channels-last), without and with ``fold_batch_norm``, every thesis model (I-VI) at 50x200,
-random weights and batch-norm statistics, interleaved rounds, medians; both variants' Reactions
-against the unfolded model run in float64 (the first ``--checked`` images).
+"""Batch norm folded and ReLU fused into the convolutions: the torch backend as the zoo runs it
+(CPU, channels-last) without ``fuse_layers``, with it but no ReLU fused (batch norm folded
+only), and with it (folded and fused, as ``analyzer reaction`` runs), every thesis model (I-VI)
+at 50x200, random weights and batch-norm statistics, interleaved rounds, medians of CPU
+seconds; every variant's Reactions against the unfolded model run in float64 (the first
+``--checked`` images). Each backend's first-batch decision is made before the timed rounds.
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/bn_fold.py --images 128 --rounds 5 --threads 1
 """
@@ -19,13 +21,14 @@ import time
 import torch
 from torch import nn
 
+import analyzer.bn_fold
 from analyzer.backends import BatchResult
 from analyzer.torch_backend import TorchBackend
 from store.spec import ReactionSpec
 from trainer.models import ModelSpec, build_model, gradcam_layer
 
 MODELS = ("model1", "model2", "model3", "model4", "model5", "model6")
-VARIANTS = ("unfolded", "folded")
+VARIANTS = ("unfolded", "folded", "fused")
 
 
 def random_model(name: str) -> nn.Module:
@@ -62,6 +65,18 @@ def float64_error(result: BatchResult, exact: torch.Tensor) -> float:
     return float(((got - exact).abs() / exact.abs().clamp(min=1e-30)).max())
 
 
+@contextlib.contextmanager
+def no_relu_fused(variant: str):
+    """For the "folded" variant, the computing copy is built with no ReLU to fuse."""
+    fusable = analyzer.bn_fold.fusable_relus
+    if variant == "folded":
+        analyzer.bn_fold.fusable_relus = lambda *_: []
+    try:
+        yield
+    finally:
+        analyzer.bn_fold.fusable_relus = fusable
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=list(MODELS))
@@ -79,9 +94,11 @@ def main() -> None:
         model, spec = random_model(name), ReactionSpec(gradcam_layer(name))
         float64[name] = TorchBackend(copy.deepcopy(model).double(), spec, "cpu")
         for variant in VARIANTS:
-            backends[name, variant] = TorchBackend(copy.deepcopy(model), spec, "cpu",
-                                                   channels_last=True,
-                                                   fold_batch_norm=variant == "folded")
+            backend = TorchBackend(copy.deepcopy(model), spec, "cpu", channels_last=True,
+                                   fuse_layers=variant != "unfolded")
+            with no_relu_fused(variant):
+                backend.compute(images[:4], labels[:4])  # the first-batch decision
+            backends[name, variant] = backend
     print(f"{cpu_name()}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, {options.images} images of 1x50x200, "
           f"{options.rounds} interleaved rounds; load average "
@@ -90,31 +107,30 @@ def main() -> None:
     results = {}
     for _ in range(options.rounds):
         for key, backend in backends.items():
-            began = time.perf_counter()
+            began = time.process_time()
             results[key] = backend.compute(images, labels)
-            seconds[key].append(time.perf_counter() - began)
-    firsts = []
-    print("| model | folded pairs | unfolded images/s | folded images/s | folded / unfolded "
-          "| Reaction: max diff / max | logits: max diff / max "
-          "| float64 error unfolded | float64 error folded |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+            seconds[key].append(time.process_time() - began)
+    print("| model | folded pairs | fused ReLUs | unfolded images/CPU-s | folded | folded, "
+          "fused | folded / unfolded | fused / folded | fused / unfolded "
+          "| Reaction: max diff / max (fused) | logits: max diff / max (fused) "
+          "| float64 error unfolded | float64 error fused |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     checked = slice(0, options.checked)
     for name in options.models:
-        plain, folded = backends[name, "unfolded"], backends[name, "folded"]
-        assert folded.batch_norm_folded and not plain.batch_norm_folded
-        # round 1 holds the folded backend's first-batch check (its double first sub-batch)
-        rates = {v: options.images / statistics.median(seconds[name, v][1:]) for v in VARIANTS}
-        first = {v: seconds[name, v][0] for v in VARIANTS}
-        a, b = results[name, "unfolded"], results[name, "folded"]
+        plain, folded, fused = (backends[name, variant] for variant in VARIANTS)
+        assert not plain.batch_norm_folded and folded.batch_norm_folded
+        assert not folded.relu_fused and fused.relu_fused
+        rates = {v: options.images / statistics.median(seconds[name, v]) for v in VARIANTS}
+        a, b = results[name, "unfolded"], results[name, "fused"]
         exact = float64[name].compute(images[checked].double(), labels[checked]).reaction
-        print(f"| {name} | {len(folded._folded.folds)} | {rates['unfolded']:.1f} "
-              f"| {rates['folded']:.1f} | {rates['folded'] / rates['unfolded']:.2f}x "
+        print(f"| {name} | {len(fused._folded.folds)} | {fused._folded.fused_relus} "
+              f"| {rates['unfolded']:.1f} | {rates['folded']:.1f} | {rates['fused']:.1f} "
+              f"| {rates['folded'] / rates['unfolded']:.2f}x "
+              f"| {rates['fused'] / rates['folded']:.2f}x "
+              f"| {rates['fused'] / rates['unfolded']:.2f}x "
               f"| {max_rel_diff(b.reaction, a.reaction):.1e} "
               f"| {max_rel_diff(b.logits, a.logits):.1e} "
               f"| {float64_error(a, exact):.1e} | {float64_error(b, exact):.1e} |")
-        firsts.append(f"{name}: first round {first['unfolded']:.2f} s unfolded, "
-                      f"{first['folded']:.2f} s folded (with the first-batch check)")
-    print("\n".join(firsts))
     print(f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
 
 

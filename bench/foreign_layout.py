@@ -1,7 +1,7 @@
 """A foreign model's memory layout: the torch backend on a copy of thesis Model II (50x200)
 built outside the zoo, in the default layout (channels_last=False, before 2026-12-02) and with
 the layout chosen on the first batch (channels_last=None), and that with batch norm folded into
-the convolutions (fold_batch_norm=True, as ``analyzer reaction`` runs it since 2026-12-02, also
+the convolutions (fuse_layers=True, as ``analyzer reaction`` runs it since 2026-12-02, also
 decided on the first batch), interleaved rounds, medians.
 
     OMP_NUM_THREADS=2 .venv/bin/python bench/foreign_layout.py --images 384 --rounds 5
@@ -37,7 +37,7 @@ def main() -> None:
                                                           channels_last=None),
                 "chosen, batch norm folded": TorchBackend(copy.deepcopy(zoo), spec,
                                                           channels_last=None,
-                                                          fold_batch_norm=True)}
+                                                          fuse_layers=True)}
     seconds: dict[str, list[float]] = {name: [] for name in backends}
     results = {}
     for _ in range(options.rounds):

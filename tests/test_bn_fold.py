@@ -28,7 +28,7 @@ from tests.test_torch_backend import (
 )
 from trainer.models import ModelSpec, build_model
 
-NOTE = "batch norm is not folded"
+NOTE = "are not fused into the convolutions"
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
@@ -39,7 +39,7 @@ def _float64_logits(model: nn.Module, images: Tensor) -> Tensor:
         return copy.deepcopy(model).double().eval()(images.double())
 
 
-def _check_against_the_loop(backend: TorchBackend, layer: str, images: Tensor,
+def check_against_the_loop(backend: TorchBackend, layer: str, images: Tensor,
                             labels: Tensor) -> int:
     """compute() and logits() against float64 on the user's model; returns the set-aside."""
     result = backend.compute(images, labels, keep_maps=True)
@@ -58,7 +58,7 @@ def test_folded_backend_matches_a_float64_loop_and_leaves_the_model_alone(
         case_name: str, channels_last: bool | None, pairs: int, caplog) -> None:
     case = CASES[case_name]
     backend = TorchBackend(case.build(), ReactionSpec(case.layer), "cpu",
-                           channels_last=channels_last, fold_batch_norm=True)
+                           channels_last=channels_last, fuse_layers=True)
     model = backend.model
     model.train()  # the backend computes in eval mode and gives the mode back
     set_aside = total = 0
@@ -67,7 +67,7 @@ def test_folded_backend_matches_a_float64_loop_and_leaves_the_model_alone(
             weights = make_checkpoint(case.build, case.input_shape, case.classes, seed)
             backend.load_weights(weights)
             images, labels = random_batch(case.images, case.input_shape, case.classes, seed)
-            set_aside += _check_against_the_loop(backend, case.layer, images, labels)
+            set_aside += check_against_the_loop(backend, case.layer, images, labels)
             total += len(images)
             assert backend.batch_norm_folded
             state = model.state_dict()
@@ -90,10 +90,10 @@ def test_the_pair_at_the_grad_cam_layer_is_not_folded(layer: str) -> None:
     model = case.build()
     assert ("features", "10", "11") not in foldable_pairs(model, layer)
     backend = TorchBackend(model, ReactionSpec(layer), "cpu", channels_last=True,
-                           fold_batch_norm=True)
+                           fuse_layers=True)
     backend.load_weights(make_checkpoint(case.build, case.input_shape, case.classes, 41))
     images, labels = random_batch(case.images, case.input_shape, case.classes, 41)
-    assert _check_against_the_loop(backend, layer, images, labels) <= \
+    assert check_against_the_loop(backend, layer, images, labels) <= \
         MAX_EXCLUDED_SHARE * len(images)
     assert backend._folded is not None
     assert [(f.conv, f.norm) for f in backend._folded.folds] == [
@@ -150,11 +150,11 @@ def test_a_model_where_folding_would_change_the_meaning_is_computed_unfolded(
     case = Case(build, "act" if build is not WeightTiedHead else "features.2", (3, 5, 5), 4, 200)
     model = build()
     assert len(foldable_pairs(model, case.layer)) == candidates  # the static pattern
-    backend = TorchBackend(model, ReactionSpec(case.layer), "cpu", fold_batch_norm=True)
+    backend = TorchBackend(model, ReactionSpec(case.layer), "cpu", fuse_layers=True)
     backend.load_weights(make_checkpoint(build, case.input_shape, case.classes, 42))
     images, labels = random_batch(case.images, case.input_shape, case.classes, 42)
     with caplog.at_level("WARNING"):
-        assert _check_against_the_loop(backend, case.layer, images, labels) <= \
+        assert check_against_the_loop(backend, case.layer, images, labels) <= \
             MAX_EXCLUDED_SHARE * len(images)
         backend.compute(images[:8], labels[:8])  # decided once per backend
     assert not backend.batch_norm_folded
@@ -162,7 +162,7 @@ def test_a_model_where_folding_would_change_the_meaning_is_computed_unfolded(
     assert len(notes) == (1 if noted else 0)
 
 
-def test_a_backend_without_fold_batch_norm_computes_the_model_itself() -> None:
+def test_a_backend_without_fuse_layers_computes_the_model_itself() -> None:
     model = build_model(ModelSpec("model1", 1, (36, 60), 13))
     backend = TorchBackend(model, ReactionSpec("features.12"), "cpu")
     backend.compute(*random_batch(4, (1, 36, 60), 13, 43))
@@ -188,7 +188,7 @@ def test_a_model_that_cannot_be_copied_is_computed_unfolded_with_a_note(caplog) 
     model = HoldsALock()
     images, labels = random_batch(20, (3, 5, 5), 4, 44)
     plain = TorchBackend(model, ReactionSpec("features.2"), "cpu").compute(images, labels)
-    backend = TorchBackend(model, ReactionSpec("features.2"), "cpu", fold_batch_norm=True)
+    backend = TorchBackend(model, ReactionSpec("features.2"), "cpu", fuse_layers=True)
     with caplog.at_level("WARNING"):
         result = backend.compute(images, labels)
     assert not backend.batch_norm_folded
