@@ -173,9 +173,10 @@ class Ours(Method):
 
     def __init__(self, model: nn.Module, layer: str) -> None:
         super().__init__(model, layer)
-        # as `analyzer reaction` runs zoo models; on its own copy, so peers keep their layout
+        # as `analyzer reaction` runs zoo models (channels-last, batch norm folded and ReLU
+        # fused into the convs); on its own copy, so peers keep their layout
         self.backend = TorchBackend(copy.deepcopy(model), ReactionSpec(layer), "cpu",
-                                    channels_last=True)
+                                    channels_last=True, fuse_layers=True)
 
     def run(self, images: Tensor, labels: Tensor) -> None:
         self.backend.compute(images, labels)

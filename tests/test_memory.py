@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-# Five torch-backend batches of thesis Model II (blocks near the 32 MiB activation budget);
+# Seven torch-backend batches of thesis Model II (blocks near the 32 MiB activation budget);
 # prints whether the setting applied and the minor page faults of each batch.
 _PROGRAM = """
 import resource, sys
@@ -24,7 +24,7 @@ backend = TorchBackend(build_model(ModelSpec("model2", 1, (50, 200), 13)),
                        ReactionSpec(gradcam_layer("model2")), channels_last=True)
 images, labels = torch.rand(32, 1, 50, 200), torch.randint(0, 13, (32,))
 faults = []
-for _ in range(5):
+for _ in range(7):
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     backend.compute(images, labels)
     faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
@@ -44,5 +44,7 @@ def test_a_pass_faults_its_memory_in_once_not_for_every_batch() -> None:
     applied, kept = _batch_faults("keep")
     _, default = _batch_faults("default")
     assert applied == "True"
-    assert sum(kept[2:]) < 1000  # warm after two batches: the blocks are reused
-    assert min(default[2:]) > 10_000  # glibc's default gives them back every batch
+    # warm after the first few batches (the first-batch checks and oneDNN's own buffers
+    # settle within four on the machines seen): the blocks are reused from then on
+    assert sum(kept[4:]) < 1000
+    assert min(default[4:]) > 10_000  # glibc's default gives them back every batch
