@@ -246,11 +246,12 @@ def write_digit_folder(root: Path) -> Path:
 @pytest.mark.slow
 def test_sigterm_during_a_checkpoint_stores_it_whole_or_not_at_all(tmp_path):
     run = tmp_path / "run"
-    trained = run_cli("trainer", *train_args(run, 16))
+    # 8 checkpoints: the third attempt stops at the 6th at the latest, so some stay to do
+    trained = run_cli("trainer", *train_args(run, 8))
     assert trained.returncode == 0, trained.stderr
     rng = random.Random(3)
     for attempt in range(3):
-        # batch size 1: a checkpoint takes about a second, so the signal lands inside one
+        # batch size 1: a checkpoint takes seconds, so the signal lands inside one
         watching = start("analyzer", "reaction", "--ckpt-dir", str(run / "checkpoints"),
                          "--follow", "--splits", "train,test", "--batch-size", "1", "-q")
         wait_for_computed(run / "run.h5", 2 * attempt + 1, watching)
@@ -265,7 +266,7 @@ def test_sigterm_during_a_checkpoint_stores_it_whole_or_not_at_all(tmp_path):
             written = np.isfinite(handle["reaction/train/image_reaction"][()]).all(axis=1)
         np.testing.assert_array_equal(flags["train"], flags["test"])  # whole checkpoints
         np.testing.assert_array_equal(written, flags["train"] == 1)  # no half-written row
-        assert 0 < flags["train"].sum() < 16
+        assert 0 < flags["train"].sum() < 8
     rerun = run_cli("analyzer", "reaction", "--ckpt-dir", str(run / "checkpoints"),
                     "--follow", "--splits", "train,test", "--batch-size", "1", "-q")
     assert rerun.returncode == 0, rerun.stderr
