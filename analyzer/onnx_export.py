@@ -209,9 +209,36 @@ def _quiet() -> Iterator[None]:
             quieted.setLevel(level)
 
 
+@dataclass
+class _Trace:
+    """``make_fx``'s graph of the Reaction computation and the example inputs it was traced
+    with (the weights by name, the order of the graph's inputs after images and targets)."""
+
+    module: nn.Module
+    images: Tensor
+    targets: Tensor
+    weights: dict[str, Tensor]
+    with_maps: bool
+
+
 def _trace_and_export(graph: _ReactionGraph, channels: int,
                       image_size: tuple[int, int]) -> tuple[object, list[str]]:
     """The ONNX ModelProto of ``graph`` without weights, and the names of its weights."""
+    try:
+        with _quiet():
+            trace = _trace(graph, channels, image_size)
+            model = _to_onnx(trace).model_proto
+    except InputError:
+        raise
+    except Exception as error:  # torch's tracers and exporter raise many types
+        lines = str(error).strip().splitlines()
+        raise InputError(f"cannot export the model to ONNX: {type(error).__name__}: "
+                         f"{lines[0] if lines else ''}") from None
+    return _weights_as_initializers(model, list(trace.weights))
+
+
+def _trace(graph: _ReactionGraph, channels: int, image_size: tuple[int, int]) -> _Trace:
+    """``make_fx`` of the graph's forward, the weights as inputs, only the batch symbolic."""
     from torch.fx.experimental.proxy_tensor import make_fx
 
     tensors = {name.removeprefix("model."): tensor for name, tensor in
@@ -225,24 +252,23 @@ def _trace_and_export(graph: _ReactionGraph, channels: int,
         prefixed = {f"model.{name}": weight for name, weight in zip(names, weights, strict=True)}
         return torch.func.functional_call(graph, prefixed, (images, targets))
 
+    traced = make_fx(reaction_graph, tracing_mode="symbolic")(
+        *_batch_symbolic(images, targets, *tensors.values()))
+    return _Trace(traced.eval(), images, targets, tensors, graph.with_maps)
+
+
+def _to_onnx(trace: _Trace, optimize: bool = True):
+    """``torch.onnx.export(dynamo=True)`` of the trace, the batch dynamic; ``optimize``: with
+    onnxscript's optimiser (constant folding, redundant nodes removed; bench/onnx_convert.py
+    times it apart with ``optimize=False`` and ``program.optimize()``)."""
+    names = list(trace.weights)
     batch = torch.export.Dim("batch", min=1)
-    outputs = [LOGITS, REACTION, EMPTY] + ([CAM] if graph.with_maps else [])
-    try:
-        with _quiet():
-            traced = make_fx(reaction_graph, tracing_mode="symbolic")(
-                *_batch_symbolic(images, targets, *tensors.values()))
-            program = torch.onnx.export(
-                traced.eval(), (images, targets, *tensors.values()), dynamo=True,
-                input_names=[IMAGES, TARGETS, *names], output_names=outputs,
-                dynamic_shapes=({0: batch}, {0: batch}, *[None] * len(names)),
-                opset_version=OPSET, optimize=True, verbose=False, report=False)
-    except InputError:
-        raise
-    except Exception as error:  # torch's tracers and exporter raise many types
-        lines = str(error).strip().splitlines()
-        raise InputError(f"cannot export the model to ONNX: {type(error).__name__}: "
-                         f"{lines[0] if lines else ''}") from None
-    return _weights_as_initializers(program.model_proto, names)
+    outputs = [LOGITS, REACTION, EMPTY] + ([CAM] if trace.with_maps else [])
+    return torch.onnx.export(
+        trace.module, (trace.images, trace.targets, *trace.weights.values()), dynamo=True,
+        input_names=[IMAGES, TARGETS, *names], output_names=outputs,
+        dynamic_shapes=({0: batch}, {0: batch}, *[None] * len(names)),
+        opset_version=OPSET, optimize=optimize, verbose=False, report=False)
 
 
 def _batch_symbolic(images: Tensor, targets: Tensor, *weights: Tensor) -> list[Tensor]:
