@@ -146,19 +146,22 @@ class OnnxBackend:
         device: ``cpu`` or a CUDA device (see :func:`onnx_device`); the images and labels
             passed to :meth:`compute` must be there.
         threads: intra-op threads; default one per core (:func:`intra_op_threads`).
-        session: a CPU session already built for this file with the default options
-            (:func:`cpu_session`), used instead of a new one on the CPU.
+        initializers: the weights, by initializer name, when ``file.payload`` declares them
+            without data (a PyTorch checkpoint converted in memory:
+            ``ReactionGraphExporter.weightless_template``); handed to ONNX Runtime as external
+            initializers, not serialised, and kept as long as the session.
     """
 
     name = "onnx"
 
     def __init__(self, file: OnnxFile, device: torch.device | str = "cpu",
-                 threads: int | None = None, session: object | None = None) -> None:
+                 threads: int | None = None,
+                 initializers: dict[str, np.ndarray] | None = None) -> None:
         self.file = file
         self.contract = file.contract
         self.device = torch.device(device)
-        reusable = session is not None and self.device.type == "cpu" and threads is None
-        self.session = session if reusable else _session(file, self.device, threads)
+        self._initializers = _ort_values(initializers)
+        self.session = _session(file, self.device, threads, self._initializers)
         self._inputs = {value.name for value in self.session.get_inputs()}
         self._cam_shape = next((value.shape[1:] for value in self.session.get_outputs()
                                 if value.name == CAM), None)
@@ -225,8 +228,19 @@ def _forward_only():
     return options
 
 
-def _session(file: OnnxFile, device: torch.device, threads: int | None = None):
-    """The file's inference session on ``device``; InputError naming the file if it fails."""
+def _ort_values(initializers: dict[str, np.ndarray] | None) -> dict[str, object]:
+    """ONNX Runtime values viewing the arrays (which they keep alive), by name."""
+    if initializers is None:
+        return {}
+    ort = _ort()
+    return {name: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array))
+            for name, array in initializers.items()}
+
+
+def _session(file: OnnxFile, device: torch.device, threads: int | None = None,
+             initializers: dict[str, object] | None = None):
+    """The file's inference session on ``device``, with ``initializers`` (ONNX Runtime
+    values) as its external initializers; InputError naming the file if it fails."""
     ort = _ort()
     providers: list = [_CPU]
     if device.type == "cuda":
@@ -235,9 +249,11 @@ def _session(file: OnnxFile, device: torch.device, threads: int | None = None):
                               "cudnn_conv_algo_search": "HEURISTIC",
                               "use_tf32": "0"}), _CPU]  # float32, as the torch backend
     source = file.payload if file.payload is not None else str(file.path)
+    options = session_options(threads=threads)
+    if initializers:
+        options.add_external_initializers(list(initializers), list(initializers.values()))
     try:
-        return ort.InferenceSession(source, sess_options=session_options(threads=threads),
-                                    providers=providers)
+        return ort.InferenceSession(source, sess_options=options, providers=providers)
     except Exception as error:  # onnxruntime raises its own types for bad graphs
         lines = str(error).strip().splitlines()
         raise InputError(f"ONNX checkpoint {file.path} cannot be loaded (corrupt, truncated or "
@@ -275,16 +291,18 @@ class OnnxKind(BackendKind):
                                  "the first ONNX checkpoint (layer, score, target, input or "
                                  "classes): analyse them separately")
         else:
-            from analyzer.onnx_export import checkpoint_bytes
+            from analyzer.onnx_export import checkpoint_arrays
 
             weights, sha = load_weights_file(checkpoint.path), sha256_file(checkpoint.path)
             if weights.state_dict is None:
                 raise InputError(f"{checkpoint.path.name}: --backend onnx converts weights "
                                  "files; analyse exported programs with --backend torch")
-            payload = checkpoint_bytes(self._exporter, checkpoint, weights.state_dict, sha)
-            file = OnnxFile(checkpoint.path, payload, sha, self._exporter.contract)
-            return LoadedCheckpoint(checkpoint, sha, OnnxBackend(
-                file, self.setup.device, session=self._exporter.checked_session(payload)))
+            arrays = checkpoint_arrays(self._exporter, checkpoint, weights.state_dict)
+            file = OnnxFile(checkpoint.path, self._exporter.weightless_template, sha,
+                            self._exporter.contract)
+            backend = OnnxBackend(file, self.setup.device, initializers=arrays)
+            self._exporter.check_once(backend.session)
+            return LoadedCheckpoint(checkpoint, sha, backend)
         return LoadedCheckpoint(checkpoint, file.sha256, OnnxBackend(file, self.setup.device))
 
     def backend(self, loaded: LoadedCheckpoint) -> OnnxBackend:

@@ -121,7 +121,7 @@ class ReactionGraphExporter:
         self._template.metadata_props.extend(_entries(self._metadata))
         self.contract: OnnxContract = contract_of(self._template, Path("exported graph"))
         self._verified = False
-        self._checked: tuple[bytes, object] | None = None  # the checked file and its session
+        self._weightless: bytes | None = None
 
     def load_weights(self, state_dict: dict[str, Tensor]) -> None:
         """Put a checkpoint's weights in (InputError naming the keys that do not fit)."""
@@ -150,19 +150,54 @@ class ReactionGraphExporter:
         model.metadata_props.extend(_entries({k: v for k, v in per_file.items() if v}))
         payload = model.SerializeToString()
         if not self._verified:
-            session = _verify(payload, self.backend, self.channels, self.image_size,
-                              self.contract.num_classes)
+            _verify(_checked_session(payload), self.backend, self.channels, self.image_size,
+                    self.contract.num_classes)
             self._verified = True
-            self._checked = (payload, session)
         return payload
 
-    def checked_session(self, payload: bytes) -> object | None:
-        """The CPU session the self-check built for ``payload`` (once), else None.
-
-        The first file's session is built once: for the check, then for the analysis.
+    @property
+    def weightless_template(self) -> bytes:
+        """The graph serialised once with every weight a placeholder without data, for an
+        ONNX Runtime session given the weights as external initializers
+        (:meth:`weight_arrays`, ``SessionOptions.add_external_initializers``).
         """
-        checked, self._checked = self._checked, None
-        return checked[1] if checked is not None and checked[0] is payload else None
+        if self._weightless is None:
+            import onnx
+
+            model = onnx.ModelProto()
+            model.CopyFrom(self._template)
+            tensors = _named_tensors(self.backend.model)
+            model.graph.initializer.extend(_placeholder(name, tensors[name])
+                                           for name in self._weight_names)
+            self._weightless = model.SerializeToString()
+        return self._weightless
+
+    def weight_arrays(self) -> dict[str, np.ndarray]:
+        """Copies of the weights loaded last, by initializer name (the network's tensors are
+        overwritten by the next :meth:`load_weights`; a session may keep using these)."""
+        tensors = _named_tensors(self.backend.model)
+        return {name: tensors[name].detach().cpu().numpy().copy() for name in self._weight_names}
+
+    def check_once(self, session: object) -> None:
+        """The self-check of the first session (compared with the PyTorch backend on the
+        weights loaded last); later calls do nothing."""
+        if not self._verified:
+            _verify(session, self.backend, self.channels, self.image_size,
+                    self.contract.num_classes)
+            self._verified = True
+
+
+def _placeholder(name: str, tensor: Tensor):
+    """An initializer that declares ``tensor``'s name, type and shape, its data external (never
+    read: ONNX Runtime is given the data as an external initializer)."""
+    from onnx import TensorProto, helper
+
+    placeholder = TensorProto(name=name, dims=list(tensor.shape),
+                              data_type=helper.np_dtype_to_tensor_dtype(
+                                  tensor.detach().cpu().numpy().dtype))
+    placeholder.data_location = TensorProto.EXTERNAL
+    placeholder.external_data.add(key="location", value="weights-given-at-session-build")
+    return placeholder
 
 
 def _file_metadata(settings: ExportSettings, channels: int, image_size: tuple[int, int],
@@ -309,23 +344,31 @@ def _weights_as_initializers(model, names: list[str]) -> tuple[object, list[str]
     return model, [name for name in names if name in used]
 
 
-def _verify(payload: bytes, backend: TorchBackend, channels: int,
-            image_size: tuple[int, int], num_classes: int) -> object:
-    """Run the exported graph on random images with ONNX Runtime; compare with PyTorch;
-    return the CPU session it ran in.
+def _checked_session(payload: bytes) -> object:
+    """A CPU session of an exported file, for its self-check (InputError if it fails)."""
+    from analyzer.onnx_backend import cpu_session
+
+    try:
+        return cpu_session(payload)
+    except Exception as error:  # onnxruntime raises its own types
+        lines = str(error).strip().splitlines()
+        raise InputError("the exported ONNX graph does not run in onnxruntime: "
+                         f"{lines[0] if lines else type(error).__name__}") from None
+
+
+def _verify(session: object, backend: TorchBackend, channels: int,
+            image_size: tuple[int, int], num_classes: int) -> None:
+    """Run the exported graph's session on random images; compare with PyTorch.
 
     A map entry within float32 rounding of zero may change sign between the two, and with it
     one image's Reaction; a conversion error shows on most images, so two are let pass.
     """
-    from analyzer.onnx_backend import cpu_session
-
     generator = torch.Generator().manual_seed(1)
     batch = 8
     images = torch.rand(batch, channels, *image_size, generator=generator)
     targets = torch.randint(num_classes, (batch,), generator=generator)
     expected = backend.compute(images, targets)
     try:
-        session = cpu_session(payload)
         logits, reaction = session.run(
             [LOGITS, REACTION], {IMAGES: images.numpy(), TARGETS: targets.numpy()})
     except Exception as error:  # onnxruntime raises its own types
@@ -340,7 +383,6 @@ def _verify(payload: bytes, backend: TorchBackend, channels: int,
             error = float(np.abs(got - want).max())
             raise InputError(f"the exported ONNX graph does not reproduce the PyTorch backend "
                              f"({name} differs by up to {error:.3g}): please report this model")
-    return session
 
 
 class OnnxTwinWriter:
@@ -461,12 +503,26 @@ def _export_each(checkpoints: list[CheckpointFile], network: NetworkInputs,
 def checkpoint_bytes(exporter: ReactionGraphExporter, checkpoint: CheckpointFile,
                      state_dict: dict[str, Tensor], sha256: str) -> bytes:
     """The ONNX file of one checkpoint's weights; InputError naming the file if they misfit."""
+    _load_checkpoint_weights(exporter, checkpoint, state_dict)
+    return exporter.model_bytes(epoch=checkpoint.epoch, source_sha256=sha256,
+                                source_file=checkpoint.path.name)
+
+
+def checkpoint_arrays(exporter: ReactionGraphExporter, checkpoint: CheckpointFile,
+                      state_dict: dict[str, Tensor]) -> dict[str, np.ndarray]:
+    """One checkpoint's weights as the graph's initializers (for
+    :attr:`ReactionGraphExporter.weightless_template`); InputError naming the file if they
+    misfit."""
+    _load_checkpoint_weights(exporter, checkpoint, state_dict)
+    return exporter.weight_arrays()
+
+
+def _load_checkpoint_weights(exporter: ReactionGraphExporter, checkpoint: CheckpointFile,
+                             state_dict: dict[str, Tensor]) -> None:
     try:
         exporter.load_weights(state_dict)
     except InputError as error:
         raise InputError(f"{checkpoint.path.name}: {error}") from None
-    return exporter.model_bytes(epoch=checkpoint.epoch, source_sha256=sha256,
-                                source_file=checkpoint.path.name)
 
 
 def _make_folder(folder: Path) -> None:

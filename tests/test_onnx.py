@@ -433,17 +433,17 @@ def test_backend_onnx_converts_pytorch_checkpoints_in_memory_to_the_same_results
 
 
 def test_the_export_self_check_refuses_a_graph_that_does_not_reproduce_the_model(onnx_run):
-    from analyzer.onnx_export import _verify
+    from analyzer.onnx_export import _checked_session, _verify
 
     payload = (onnx_run / "checkpoints" / "epoch_0003.onnx").read_bytes()
     layer = gradcam_layer("small")
     same = TorchBackend(checkpoint_model(onnx_run / "checkpoints" / "epoch_0003.safetensors"),
                         ReactionSpec(layer))
-    _verify(payload, same, 1, (8, 8), 10)
+    _verify(_checked_session(payload), same, 1, (8, 8), 10)
     other = TorchBackend(checkpoint_model(onnx_run / "checkpoints" / "epoch_0001.safetensors"),
                          ReactionSpec(layer))
     with pytest.raises(InputError, match="does not reproduce the PyTorch backend"):
-        _verify(payload, other, 1, (8, 8), 10)
+        _verify(_checked_session(payload), other, 1, (8, 8), 10)
 
 
 def test_a_failed_export_leaves_no_empty_output_folder(onnx_run, tmp_path):
