@@ -265,6 +265,10 @@ def _split_list(text: str | None) -> list[str] | None:
                    "trainer that writes no run file).")
 @click.option("--poll", type=click.FloatRange(min=0.01), default=0.5, show_default=True,
               metavar="SECONDS", help="With --follow: seconds between looks at the folder.")
+@click.option("--no-graph-cache", is_flag=True,
+              help="Export the ONNX graph anew instead of reading it from the graph cache "
+                   "($REACTION_CACHE_DIR, else ~/.cache/reaction; REACTION_GRAPH_CACHE=0 "
+                   "turns it off too).")
 @click.option("--shard", default=None, metavar="K/N",
               help="Analyse only the K-th of N slices of the checkpoints (sorted by epoch, "
                    "every N-th from the K-th) into --out; join the shards' files with "
@@ -276,7 +280,7 @@ def analyzer_reaction(ckpt_dir: Path, run: Path | None, out: Path | None, model:
                       channels: int | None, splits: str | None, epochs: str | None,
                       score: str | None, target: str | None, backend: str, device: str,
                       batch_size: int, follow: bool, idle: float | None, poll: float,
-                      shard: str | None, quiet: bool) -> None:
+                      no_graph_cache: bool, shard: str | None, quiet: bool) -> None:
     """Reaction value of every image, class and checkpoint (docs/METHOD.md §2).
 
     Under torchrun the ranks divide the checkpoints; rank 0 alone writes the results.
@@ -308,7 +312,8 @@ def analyzer_reaction(ckpt_dir: Path, run: Path | None, out: Path | None, model:
         image_size=parse_image_size(image_size) if image_size else None, channels=channels,
         splits=_split_list(splits), epochs=epochs, score=score, target=target, device=device,
         batch_size=batch_size, backend=backend, follow=follow, idle=idle,
-        poll=poll, shard=parse_shard(shard) if shard is not None else None)
+        poll=poll, shard=parse_shard(shard) if shard is not None else None,
+        graph_cache=not no_graph_cache)
     summary = compute_reaction(options, progress=not quiet)
     if not summary.writer:
         return
@@ -361,12 +366,16 @@ def analyzer_merge(target: Path, shards: tuple[Path, ...]) -> None:
               show_default=True, help="Target class: the true label or the prediction.")
 @click.option("--with-maps", is_flag=True,
               help="Also output the Grad-CAM map at the layer's resolution (heat maps).")
+@click.option("--no-graph-cache", is_flag=True,
+              help="Export the ONNX graph anew instead of reading it from the graph cache "
+                   "($REACTION_CACHE_DIR, else ~/.cache/reaction; REACTION_GRAPH_CACHE=0 "
+                   "turns it off too).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar and no notes.")
 @_user_errors
 def analyzer_export_onnx(ckpt_dir: Path, out: Path, run: Path | None, model: str | None,
                          layer: str | None, image_size: str | None, channels: int | None,
                          epochs: str | None, score: str, target: str, with_maps: bool,
-                         quiet: bool) -> None:
+                         no_graph_cache: bool, quiet: bool) -> None:
     """Export every checkpoint to ONNX with its Grad-CAM gradient graph (docs/ONNX.md).
 
     Files already exported from the same checkpoint with the same settings are skipped.
@@ -384,7 +393,8 @@ def analyzer_export_onnx(ckpt_dir: Path, out: Path, run: Path | None, model: str
     options = ExportOptions(
         ckpt_dir=ckpt_dir, out=out, run=run, model=model, layer=layer,
         image_size=parse_image_size(image_size) if image_size else None, channels=channels,
-        epochs=epochs, score=score, target=target, with_maps=with_maps)
+        epochs=epochs, score=score, target=target, with_maps=with_maps,
+        graph_cache=not no_graph_cache)
     summary = export_checkpoints(options, progress=not quiet)
     click.echo(f"exported {len(summary.written)} checkpoints to {summary.out}"
                + (f" ({len(summary.skipped)} already there)" if summary.skipped else ""))

@@ -74,12 +74,15 @@ class BackendSetup:
         device: where the backends compute.
         native: the checkpoints are this kind's own files (ONNX files for ``onnx``); False
             when the kind converts PyTorch checkpoints.
+        graph_cache: a kind that converts may keep what it converts once (the ONNX graph) in
+            the persistent cache (store/graph_cache.py).
     """
 
     inputs: AnalysisInputs
     spec: ReactionSpec
     device: torch.device
     native: bool = True
+    graph_cache: bool = True
 
 
 class BackendKind(ABC):

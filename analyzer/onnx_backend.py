@@ -321,4 +321,4 @@ def _exporter(setup: BackendSetup):
     return ReactionGraphExporter(inputs.model, ExportSettings(setup.spec),
                                  channels=inputs.channels,
                                  image_size=inputs.image_size, class_names=inputs.class_names,
-                                 model_spec=inputs.model_spec)
+                                 model_spec=inputs.model_spec, graph_cache=setup.graph_cache)

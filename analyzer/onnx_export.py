@@ -31,6 +31,7 @@ from tqdm import tqdm
 
 from analyzer.torch_backend import TorchBackend
 from store.errors import InputError
+from store.graph_cache import GraphCache, default_cache_dir
 from store.model_files import (
     CHECKPOINT_SUFFIXES,
     CheckpointFile,
@@ -105,19 +106,23 @@ class ReactionGraphExporter:
         channels, image_size: the input the graph takes, ``[batch, channels, H, W]``.
         class_names: stored in the files' metadata when known.
         model_spec: the zoo spec JSON (``trainer models``), stored when the model is a zoo one.
+        graph_cache: read and store the exported graph in the persistent cache
+            (:mod:`store.graph_cache`; its folder from the environment), keyed on the trace.
     """
 
     def __init__(self, model: nn.Module, settings: ExportSettings, *, channels: int,
                  image_size: tuple[int, int], class_names: list[str] | None = None,
-                 model_spec: str | None = None) -> None:
+                 model_spec: str | None = None, graph_cache: bool = True) -> None:
         self.settings = settings
         self.channels, self.image_size = channels, tuple(image_size)
         network = copy.deepcopy(model).cpu().float()
         self.backend = TorchBackend(network, settings.spec, "cpu")
         self._metadata = _file_metadata(settings, self.channels, self.image_size, class_names,
                                         model_spec)
+        cache = GraphCache(default_cache_dir() if graph_cache else None)
         self._template, self._weight_names = _trace_and_export(
-            _ReactionGraph(self.backend, settings.with_maps), self.channels, self.image_size)
+            _ReactionGraph(self.backend, settings.with_maps), settings, self.channels,
+            self.image_size, cache)
         self._template.metadata_props.extend(_entries(self._metadata))
         self.contract: OnnxContract = contract_of(self._template, Path("exported graph"))
         self._verified = False
@@ -256,20 +261,86 @@ class _Trace:
     with_maps: bool
 
 
-def _trace_and_export(graph: _ReactionGraph, channels: int,
-                      image_size: tuple[int, int]) -> tuple[object, list[str]]:
-    """The ONNX ModelProto of ``graph`` without weights, and the names of its weights."""
+def _trace_and_export(graph: _ReactionGraph, settings: ExportSettings, channels: int,
+                      image_size: tuple[int, int], cache: GraphCache) -> tuple[object, list[str]]:
+    """The ONNX ModelProto of ``graph`` without weights, and the names of its weights: from
+    the cache when it holds the graph of the same trace, else exported (and stored)."""
     try:
         with _quiet():
             trace = _trace(graph, channels, image_size)
-            model = _to_onnx(trace).model_proto
+            key = _graph_key(trace, settings, channels, image_size)
+            model = _cached_graph(cache, key, trace)
+            hit = model is not None
+            if not hit:
+                model = _to_onnx(trace).model_proto
     except InputError:
         raise
     except Exception as error:  # torch's tracers and exporter raise many types
         lines = str(error).strip().splitlines()
         raise InputError(f"cannot export the model to ONNX: {type(error).__name__}: "
                          f"{lines[0] if lines else ''}") from None
-    return _weights_as_initializers(model, list(trace.weights))
+    model, names = _weights_as_initializers(model, list(trace.weights))
+    if key is not None and not hit:
+        cache.put(key, model.SerializeToString())
+    return model, names
+
+
+_GRAPH_CACHE_VERSION = 1  # raise when what the key covers or the stored graph changes
+
+
+def _graph_key(trace: _Trace, settings: ExportSettings, channels: int,
+               image_size: tuple[int, int]) -> str | None:
+    """SHA-256 of everything the exported graph depends on: the trace's code and constants,
+    every weight's name, shape and dtype, the settings, the input, the versions of torch, onnx
+    and onnxscript, the opset. None (no caching) when a constant cannot be read by value."""
+    import hashlib
+    import json
+    from importlib import metadata
+
+    digest = hashlib.sha256()
+    described = {"version": _GRAPH_CACHE_VERSION, "opset": OPSET, "batch": _EXAMPLE_BATCH,
+                 "torch": torch.__version__, "onnx": metadata.version("onnx"),
+                 "onnxscript": metadata.version("onnxscript"),
+                 "spec": settings.spec.attributes(), "with_maps": settings.with_maps,
+                 "channels": channels, "image_size": list(image_size),
+                 "weights": [[name, list(tensor.shape), str(tensor.dtype)]
+                             for name, tensor in trace.weights.items()]}
+    digest.update(json.dumps(described, sort_keys=True).encode())
+    digest.update(trace.module.code.encode())
+    for node in trace.module.graph.nodes:
+        if node.op == "get_attr":
+            value = trace.module
+            for part in str(node.target).split("."):
+                value = getattr(value, part)
+            if not isinstance(value, Tensor):
+                return None
+            try:
+                content = value.detach().cpu().contiguous().numpy().tobytes()
+            except Exception:  # a fake or otherwise unreadable constant: do not cache
+                return None
+            digest.update(f"{node.target} {value.dtype} {list(value.shape)}".encode())
+            digest.update(content)
+    return digest.hexdigest()
+
+
+def _cached_graph(cache: GraphCache, key: str | None, trace: _Trace):
+    """The ModelProto stored under ``key``; None when there is none, or it does not parse or
+    does not have the trace's outputs (then it is rewritten)."""
+    payload = cache.get(key) if key is not None else None
+    if payload is None:
+        return None
+    import onnx
+
+    try:
+        model = onnx.load_model_from_string(payload)
+    except Exception as error:  # protobuf's DecodeError and onnx's own
+        logger.debug(f"graph cache: ignoring an entry that is not an ONNX model ({error})")
+        return None
+    outputs = [LOGITS, REACTION, EMPTY] + ([CAM] if trace.with_maps else [])
+    if [value.name for value in model.graph.output] != outputs or not model.graph.node:
+        logger.debug("graph cache: ignoring an entry that is not a Reaction graph")
+        return None
+    return model
 
 
 def _trace(graph: _ReactionGraph, channels: int, image_size: tuple[int, int]) -> _Trace:
@@ -427,6 +498,7 @@ class ExportOptions:
     score: str = "logit"
     target: str = "label"
     with_maps: bool = False
+    graph_cache: bool = True
 
 
 @dataclass
@@ -483,7 +555,8 @@ def _export_each(checkpoints: list[CheckpointFile], network: NetworkInputs,
         if weights.module is not None:  # a self-contained program: its own graph
             one_off = ReactionGraphExporter(weights.module, settings, channels=network.channels,
                                             image_size=network.image_size,
-                                            class_names=network.class_names)
+                                            class_names=network.class_names,
+                                            graph_cache=options.graph_cache)
             payload = one_off.model_bytes(epoch=checkpoint.epoch, source_sha256=sha,
                                           source_file=checkpoint.path.name)
         else:
@@ -493,7 +566,7 @@ def _export_each(checkpoints: list[CheckpointFile], network: NetworkInputs,
             exporter = exporter or ReactionGraphExporter(
                 network.model, settings, channels=network.channels,
                 image_size=network.image_size, class_names=network.class_names,
-                model_spec=network.model_spec)
+                model_spec=network.model_spec, graph_cache=options.graph_cache)
             payload = checkpoint_bytes(exporter, checkpoint, weights.state_dict, sha)
         write_onnx_file(target, payload)
         summary.written.append(target)

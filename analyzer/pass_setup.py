@@ -45,6 +45,7 @@ class PassRequest:
     backend: str = "auto"
     awaiting: bool = False
     onnx_weights: bool = False
+    graph_cache: bool = True
 
 
 @dataclass
@@ -94,7 +95,7 @@ def set_up_pass(request: PassRequest, defaults: Mapping[str, str] | None = None)
     suffixes = kind.native_suffixes if native else (".onnx",) if kind.name == "torch" \
         else backend_kind("torch").native_suffixes
     return Pass(checkpoints, ignored, run_file, inputs, spec,
-                kind(BackendSetup(inputs, spec, device, native)), suffixes)
+                kind(BackendSetup(inputs, spec, device, native, request.graph_cache)), suffixes)
 
 
 def _choose_files(request: PassRequest

@@ -84,6 +84,7 @@ class ReactionOptions:
     idle: float | None = None  # with follow: stop after this long without a new checkpoint
     poll: float = 0.5  # with follow: seconds between looks at the folder
     shard: tuple[int, int] | None = None  # (K, N): the K-th of N slices of the checkpoints
+    graph_cache: bool = True  # --backend onnx on PyTorch checkpoints: the exported graph cached
 
 
 @dataclass
@@ -138,7 +139,7 @@ def _request(options: ReactionOptions, ranks: Ranks | None) -> PassRequest:
                        layer=options.layer, data=options.data, image_size=options.image_size,
                        channels=options.channels, splits=options.splits, score=options.score,
                        target=options.target, device=device, backend=options.backend,
-                       awaiting=options.follow)
+                       awaiting=options.follow, graph_cache=options.graph_cache)
 
 
 def _analyse(options: ReactionOptions, analysis: Pass, selection: EpochSelection,

@@ -14,9 +14,11 @@ Each round runs, in turn (each round starting one further along):
   number (SPEC.md §2; 0 for an empty map);
 * the **whole CLI** in a subprocess, from its start to its end (interpreter, imports, image
   decoding, checks, ONNX conversion, results file, writing): ``analyzer reaction`` with
-  ``--backend torch``, with ``--backend onnx`` (PyTorch checkpoints converted in memory), and on
-  a folder exported beforehand by ``analyzer export-onnx`` (``onnx files``; the export's own
-  time is printed once).
+  ``--backend torch``, with ``--backend onnx`` (PyTorch checkpoints converted in memory) with a
+  warm graph cache (``onnx``: the exported graph read from ``WORK/graph-cache``, filled by an
+  untimed run first) and a cold one (``onnx cold``: an empty cache folder of its own each
+  run, so it exports), and on a folder exported beforehand by ``analyzer export-onnx``
+  (``onnx files``; the export's own time is printed once).
 
 The ratio is captum's seconds / the CLI's: above 1, the whole CLI is faster than captum's
 compute alone. Every CLI run's stored Reactions are compared with captum's.
@@ -26,9 +28,11 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -56,7 +60,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--batch", type=int, default=64, help="captum's batch size")
-    parser.add_argument("--methods", default="captum,torch,onnx,onnx files")
+    parser.add_argument("--methods", default="captum,torch,onnx,onnx cold,onnx files",
+                        help="comma-separated: captum, torch, onnx (warm graph cache), onnx "
+                             "cold (empty graph cache), onnx files")
     parser.add_argument("--baseline", type=Path, default=None,
                         help="another checkout's source folder (e.g. main's): its torch and "
                              "onnx runs are timed too, as 'torch (baseline)', 'onnx (baseline)'")
@@ -64,6 +70,8 @@ def main() -> None:
     torch.set_num_threads(options.threads)
     work = make_workload(options.work)
     env = environment(work, None, options.threads)
+    shutil.rmtree(work / "graph-cache", ignore_errors=True)
+    env["REACTION_CACHE_DIR"] = str(work / "graph-cache")
     methods = options.methods.split(",")
     if options.baseline is not None:
         methods += [f"{m} (baseline)" for m in ("torch", "onnx") if m in methods]
@@ -73,6 +81,8 @@ def main() -> None:
           f"checkpoints x 384 images, {options.threads} threads, captum batch {options.batch}; "
           f"load average at start {_load()}", flush=True)
     exported = _export(work, env) if "onnx files" in methods else None
+    if "onnx" in methods:
+        _warm_graph_cache(work, env)
     images, labels = _decoded_images(work)
     captum_values: list[np.ndarray] = []
     seconds: dict[str, list[float]] = {method: [] for method in methods}
@@ -146,6 +156,15 @@ def _export(work: Path, env: dict[str, str]) -> Path:
     return out
 
 
+def _warm_graph_cache(work: Path, env: dict[str, str]) -> None:
+    """One untimed ``--backend onnx`` run of the first checkpoint: the graph cache is warm."""
+    began = time.perf_counter()
+    subprocess.run(analyzer_argv(reaction_command(work, "onnx", work / "warm-up.h5", "1")),
+                   env=env, cwd=work, check=True, stdout=subprocess.DEVNULL)
+    (work / "warm-up.h5").unlink()
+    print(f"graph cache warmed (untimed): {time.perf_counter() - began:.1f} s", flush=True)
+
+
 def _cli(work: Path, env: dict[str, str], method: str, exported: Path | None
          ) -> tuple[float, float, np.ndarray]:
     """The whole CLI: wall s, CPU s (user + system) and the Reactions it stored."""
@@ -154,11 +173,14 @@ def _cli(work: Path, env: dict[str, str], method: str, exported: Path | None
     backend = "onnx" if method.startswith("onnx") else "torch"
     arguments = reaction_command(work, backend, out,
                                  ckpt_dir=exported if method == "onnx files" else None)
-    began = time.perf_counter()
-    process = subprocess.Popen(analyzer_argv(arguments), env=env, cwd=work,
-                               stdout=subprocess.DEVNULL)
-    _, status, usage = os.wait4(process.pid, 0)
-    wall = time.perf_counter() - began
+    with tempfile.TemporaryDirectory(dir=work) as cold:
+        if method == "onnx cold":
+            env = {**env, "REACTION_CACHE_DIR": cold}
+        began = time.perf_counter()
+        process = subprocess.Popen(analyzer_argv(arguments), env=env, cwd=work,
+                                   stdout=subprocess.DEVNULL)
+        _, status, usage = os.wait4(process.pid, 0)
+        wall = time.perf_counter() - began
     if os.waitstatus_to_exitcode(status) != 0:
         raise SystemExit(f"analyzer {' '.join(arguments)} failed")
     with h5py.File(out, "r") as handle:

@@ -8,8 +8,12 @@ Per round, in this process: the export (make_fx trace, ``torch.onnx.export(dynam
 unoptimised, onnxscript's optimiser, the first file's self-check), then per checkpoint: the
 weights into the network, the file's bytes (template copied, weights added as initializers,
 serialised), the ONNX Runtime session from them, and the compute of the 384 images in batches
-of ``--batch``; for "onnx files" the exported file read (parsed, hashed), its session, the same
-compute. Seconds wall, medians over rounds (per-checkpoint rows: over rounds x checkpoints).
+of ``--batch``; the same with the weights handed to ONNX Runtime as external initializers of a
+weightless template serialised once (``analyzer reaction --backend onnx`` since issue 14's
+graph-cache change); for "onnx files" the exported file read (parsed, hashed), its session, the same
+compute; and the exporter built again from the graph cache that the first export filled
+(store/graph_cache.py: make_fx trace, key, read). Seconds wall, medians over rounds
+(per-checkpoint rows: over rounds x checkpoints).
 The exporter's imports (torch.onnx, onnxscript, onnx, onnxruntime) are timed once, first.
 """
 
@@ -28,7 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from foreign_workload import IMAGE_SIZE, LAYER, load_model_module, make_workload
 
-CONVERTING, FILES = "converting", "onnx files"
+CONVERTING, EXTERNAL, FILES = "converting, serialised", "converting, external initializers", \
+    "onnx files"
 
 
 def main() -> None:
@@ -97,13 +102,13 @@ def _one_round(work: Path, images, labels, batch: int, folder: Path,
                times: dict[tuple[str, str], list[float]]) -> None:
     from safetensors.torch import load_file
 
-    from analyzer.onnx_backend import cpu_session
-    from store.onnx_files import read_onnx_file, write_onnx_file
+    from analyzer.onnx_backend import OnnxBackend, cpu_session
+    from store.onnx_files import OnnxFile, read_onnx_file, write_onnx_file
     from store.spec import ReactionSpec
 
     timer = _Timer(times)
     model = load_model_module(work).model2().eval()
-    exporter = _timed_exporter(model, ReactionSpec(LAYER), timer)
+    exporter = _timed_exporter(model, ReactionSpec(LAYER), timer, folder / "cache")
     checkpoints = sorted((work / "ckpts").glob("epoch_*.safetensors"))
     for index, checkpoint in enumerate(checkpoints):
         state_dict = load_file(str(checkpoint))
@@ -117,6 +122,17 @@ def _one_round(work: Path, images, labels, batch: int, folder: Path,
         with timer("per checkpoint: session build", CONVERTING):
             session = cpu_session(payload)
         _compute(session, images, labels, batch, timer, CONVERTING)
+        if index == 0:
+            with timer("weightless template serialised (once)", EXTERNAL):
+                template = exporter.weightless_template
+        with timer("per checkpoint: weights into the network", EXTERNAL):
+            exporter.load_weights(state_dict)
+        with timer("per checkpoint: weights copied to arrays", EXTERNAL):
+            arrays = exporter.weight_arrays()
+        with timer("per checkpoint: session build", EXTERNAL):
+            backend = OnnxBackend(OnnxFile(checkpoint, template, "", exporter.contract),
+                                  initializers=arrays)
+        _compute(backend.session, images, labels, batch, timer, EXTERNAL)
         path = folder / f"epoch_{index + 1:04d}.onnx"
         write_onnx_file(path, payload)
         with timer("per checkpoint: file read (parse + hash)", FILES):
@@ -126,13 +142,15 @@ def _one_round(work: Path, images, labels, batch: int, folder: Path,
         _compute(session, images, labels, batch, timer, FILES)
 
 
-def _timed_exporter(model, spec, timer: _Timer):
-    """A ReactionGraphExporter whose export runs stage by stage under the timer."""
+def _timed_exporter(model, spec, timer: _Timer, cache_dir: Path):
+    """A ReactionGraphExporter whose export runs stage by stage under the timer (no cache);
+    then the same exporter built again from a warm graph cache in ``cache_dir``."""
     import analyzer.onnx_export as export
+    from store.graph_cache import GraphCache
 
     trace_and_export = export._trace_and_export
 
-    def staged(graph, channels, image_size):
+    def staged(graph, settings, channels, image_size, _cache):
         with export._quiet():
             with timer("export: make_fx trace (batch symbolic)", CONVERTING):
                 trace = export._trace(graph, channels, image_size)
@@ -140,14 +158,21 @@ def _timed_exporter(model, spec, timer: _Timer):
                 program = export._to_onnx(trace, optimize=False)
             with timer("export: onnxscript optimiser", CONVERTING):
                 program.optimize()
-        return export._weights_as_initializers(program.model_proto, list(trace.weights))
+        with timer("graph cache: key (SHA-256 of the trace and the rest)", EXTERNAL):
+            key = export._graph_key(trace, settings, channels, image_size)
+        model, names = export._weights_as_initializers(program.model_proto, list(trace.weights))
+        GraphCache(cache_dir).put(key, model.SerializeToString())
+        return model, names
 
+    settings = export.ExportSettings(spec)
     export._trace_and_export = staged
     try:
-        return export.ReactionGraphExporter(model, export.ExportSettings(spec), channels=1,
-                                            image_size=IMAGE_SIZE)
+        export.ReactionGraphExporter(model, settings, channels=1, image_size=IMAGE_SIZE)
     finally:
         export._trace_and_export = trace_and_export
+    os.environ["REACTION_CACHE_DIR"] = str(cache_dir)
+    with timer("export with a graph cache hit (make_fx + key + read + parse)", EXTERNAL):
+        return export.ReactionGraphExporter(model, settings, channels=1, image_size=IMAGE_SIZE)
 
 
 def _compute(session, images, labels, batch: int, timer: _Timer, path: str) -> None:
@@ -160,7 +185,7 @@ def _compute(session, images, labels, batch: int, timer: _Timer, path: str) -> N
 
 def _report(times: dict[tuple[str, str], list[float]]) -> None:
     stages = list(dict.fromkeys(stage for stage, _ in times))
-    paths = [CONVERTING, FILES]
+    paths = [CONVERTING, EXTERNAL, FILES]
     print("\nseconds wall, medians (per-checkpoint rows: over rounds x checkpoints)\n")
     print("| stage | " + " | ".join(paths) + " |")
     print("|---|" + "---:|" * len(paths))

@@ -94,3 +94,19 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def graph_cache_in_a_temporary_folder(tmp_path_factory):
+    """The ONNX graph cache (store/graph_cache.py) of every test and of the commands they
+    run lies in one temporary folder: no test writes to ~/.cache."""
+    saved = {name: os.environ.get(name) for name in ("REACTION_CACHE_DIR",
+                                                     "REACTION_GRAPH_CACHE")}
+    os.environ["REACTION_CACHE_DIR"] = str(tmp_path_factory.mktemp("graph-cache"))
+    os.environ.pop("REACTION_GRAPH_CACHE", None)
+    yield
+    for name, value in saved.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
