@@ -20,8 +20,11 @@ Per round and per (code, backend) it runs, each in a fresh process:
 * once per (code, backend), ``python -X importtime`` of the same command: import seconds per
   package.
 
-Backends: ``torch``, ``onnx`` (PyTorch checkpoints converted in memory) and ``onnx-files``
-(a folder exported first by ``analyzer export-onnx``, whose time is printed too).
+Backends: ``torch``, ``onnx`` (PyTorch checkpoints converted in memory, the graph cache
+warm: ``WORK/graph-cache``, filled by an untimed run first), ``onnx-cold`` (the same with an
+empty cache folder for every process: the export runs) and ``onnx-files`` (a folder exported
+first by ``analyzer export-onnx``, whose time is printed too). A baseline without the graph
+cache exports in both ``onnx`` and ``onnx-cold``.
 """
 
 from __future__ import annotations
@@ -63,6 +66,11 @@ STAGES = [
     ("torch kind", "analyzer.torch_backend:TorchKind.__init__", "set-up (set_up_pass)"),
     ("onnx kind: trace + export", "analyzer.onnx_backend:OnnxKind.__init__",
      "set-up (set_up_pass)"),
+    ("make_fx trace", "analyzer.onnx_export:_trace", "onnx kind: trace + export"),
+    ("graph cache: key", "analyzer.onnx_export:_graph_key", "onnx kind: trace + export"),
+    ("graph cache: read + parse", "analyzer.onnx_export:_cached_graph",
+     "onnx kind: trace + export"),
+    ("torch.onnx.export", "analyzer.onnx_export:_to_onnx", "onnx kind: trace + export"),
     ("images to device", "analyzer.compute:SplitsOnDevice.__init__", None),
     ("preflight (2 images)", "analyzer.reaction:_preflight", None),
     ("load: torch (hash + read)", "analyzer.torch_backend:TorchKind.load",
@@ -94,7 +102,7 @@ def main() -> None:
                         help="another checkout's source folder, timed beside this one")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--backends", default="torch,onnx,onnx-files")
+    parser.add_argument("--backends", default="torch,onnx,onnx-cold,onnx-files")
     parser.add_argument("--json", type=Path, default=None, help="write the numbers here")
     parser.add_argument("--stages", action="store_true", help=argparse.SUPPRESS)
     options, rest = parser.parse_known_args()
@@ -111,6 +119,8 @@ def main() -> None:
           f"{options.threads} threads; load average at start {_load()}")
     exported = {code: _export(work, path, options.threads, code)
                 for code, path in codes.items()} if "onnx-files" in backends else {}
+    if "onnx" in backends:
+        _warm_graph_cache(work, options.threads)
     samples: dict[tuple[str, str], dict[str, list[float]]] = defaultdict(lambda: defaultdict(
         list))
     for round_number in range(options.rounds):
@@ -118,18 +128,19 @@ def main() -> None:
             for backend in backends:
                 key = (code, backend)
                 ckpt_dir = exported.get(code) if backend == "onnx-files" else None
-                arguments = reaction_command(work, backend, work / "out.h5", "1", ckpt_dir)
-                env = environment(work, path, options.threads)
-                for name, value in _whole_cli(arguments, env, work).items():
-                    samples[key][name].append(value)
-                for name, value in _stage_run(arguments, env, work).items():
-                    samples[key][name].append(value)
+                arguments = reaction_command(work, backend.removesuffix("-cold"),
+                                             work / "out.h5", "1", ckpt_dir)
+                env = _environment(work, path, options.threads)
+                for timed in (_whole_cli, _stage_run):
+                    with tempfile.TemporaryDirectory(dir=work) as cold:
+                        if backend == "onnx-cold":
+                            env["REACTION_CACHE_DIR"] = cold
+                        for name, value in timed(arguments, env, work).items():
+                            samples[key][name].append(value)
         print(f"round {round_number + 1} done, load average {_load()}", flush=True)
-    imports = {(code, backend): _import_times(
-        reaction_command(work, backend, work / "out.h5", "1",
-                         exported.get(code) if backend == "onnx-files" else None),
-        environment(work, path, options.threads), work)
-        for code, path in codes.items() for backend in backends}
+    imports = {(code, backend): _import_run(work, path, backend, exported.get(code),
+                                            options.threads)
+               for code, path in codes.items() for backend in backends}
     _report(samples, imports, list(codes), backends)
     print(f"load average at end {_load()}")
     if options.json is not None:
@@ -146,6 +157,21 @@ def _rotated(items: list, shift: int) -> list:
 
 def _load() -> str:
     return " ".join(f"{value:.2f}" for value in os.getloadavg())
+
+
+def _environment(work: Path, code: Path | None, threads: int) -> dict[str, str]:
+    """The workload's environment, the graph cache in ``WORK/graph-cache``."""
+    return {**environment(work, code, threads), "REACTION_CACHE_DIR": str(work / "graph-cache")}
+
+
+def _warm_graph_cache(work: Path, threads: int) -> None:
+    """One untimed ``--backend onnx`` run of the first checkpoint, from an empty graph cache."""
+    import shutil
+
+    shutil.rmtree(work / "graph-cache", ignore_errors=True)
+    subprocess.run(analyzer_argv(reaction_command(work, "onnx", work / "out.h5", "1")),
+                   env=_environment(work, None, threads), cwd=work, check=True,
+                   stdout=subprocess.DEVNULL)
 
 
 def _export(work: Path, code: Path | None, threads: int, label: str) -> Path:
@@ -195,6 +221,18 @@ def _interpreter_start(env: dict[str, str], work: Path) -> tuple[float, float]:
     process = subprocess.Popen([sys.executable, "-c", "pass"], cwd=work, env=env)
     _, _, usage = os.wait4(process.pid, 0)
     return time.perf_counter() - began, usage.ru_utime + usage.ru_stime
+
+
+def _import_run(work: Path, code: Path | None, backend: str, exported: Path | None,
+                threads: int) -> dict[str, float]:
+    """:func:`_import_times` of one (code, backend)'s command, a cold cache its own."""
+    arguments = reaction_command(work, backend.removesuffix("-cold"), work / "out.h5", "1",
+                                 exported if backend == "onnx-files" else None)
+    env = _environment(work, code, threads)
+    with tempfile.TemporaryDirectory(dir=work) as cold:
+        if backend == "onnx-cold":
+            env["REACTION_CACHE_DIR"] = cold
+        return _import_times(arguments, env, work)
 
 
 def _import_times(arguments: list[str], env: dict[str, str], work: Path) -> dict[str, float]:

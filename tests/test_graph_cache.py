@@ -197,6 +197,12 @@ def test_no_graph_cache_exports_without_reading_or_writing_it(digits_run, tmp_pa
     assert not (tmp_path / "cache").exists()
     result = run_cli(*export, "--out", str(tmp_path / "on"))
     assert result.returncode == 0, result.stderr
-    assert len(entries(tmp_path / "cache")) == 1
+    [entry] = entries(tmp_path / "cache")
     assert (tmp_path / "on" / "epoch_0001.onnx").read_bytes() == \
+        (tmp_path / "off" / "epoch_0001.onnx").read_bytes()
+    written = entry.stat().st_mtime_ns
+    result = run_cli(*export, "--out", str(tmp_path / "hit"))  # another process: same key
+    assert result.returncode == 0, result.stderr
+    assert entries(tmp_path / "cache") == [entry] and entry.stat().st_mtime_ns == written
+    assert (tmp_path / "hit" / "epoch_0001.onnx").read_bytes() == \
         (tmp_path / "off" / "epoch_0001.onnx").read_bytes()
