@@ -29,6 +29,7 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from analyzer.graph_keys import structure_digest, trace_digest
 from analyzer.torch_backend import TorchBackend
 from store.errors import InputError
 from store.graph_cache import GraphCache, default_cache_dir
@@ -49,6 +50,7 @@ from store.onnx_files import (
     REACTION,
     TARGETS,
     OnnxContract,
+    OnnxFile,
     contract_of,
     onnx_name,
     read_onnx_contract,
@@ -120,13 +122,34 @@ class ReactionGraphExporter:
         self._metadata = _file_metadata(settings, self.channels, self.image_size, class_names,
                                         model_spec)
         cache = GraphCache(default_cache_dir() if graph_cache else None)
-        self._template, self._weight_names = _trace_and_export(
-            _ReactionGraph(self.backend, settings.with_maps), settings, self.channels,
-            self.image_size, cache)
+        graph = _ReactionGraph(self.backend, settings.with_maps)
+        exported = _trace_and_export(graph, settings, self.channels, self.image_size, cache)
+        self._use(exported)
+        if exported.cached and not self._reproduces_the_network():
+            logger.warning(f"graph cache: the graph in {cache.path(exported.key)} does not "
+                           "reproduce this network: exported again (please report this model)")
+            self._use(_trace_and_export(graph, settings, self.channels, self.image_size, cache,
+                                        read_cache=False))
+        self._verified = False
+
+    def _use(self, exported: _Exported) -> None:
+        self._template, self._weight_names = exported.model, exported.weight_names
         self._template.metadata_props.extend(_entries(self._metadata))
         self.contract: OnnxContract = contract_of(self._template, Path("exported graph"))
-        self._verified = False
         self._weightless: bytes | None = None
+
+    def _reproduces_the_network(self) -> bool:
+        """Whether the graph, given the network's weights as they are, computes what the
+        PyTorch backend does (the check of a graph read from the cache)."""
+        from analyzer.onnx_backend import OnnxBackend
+        file = OnnxFile(Path("cached graph"), self.weightless_template, "", self.contract)
+        try:
+            session = OnnxBackend(file, initializers=self.weight_arrays()).session
+            _verify(session, self.backend, self.channels, self.image_size,
+                    self.contract.num_classes)
+        except InputError:
+            return False
+        return True
 
     def load_weights(self, state_dict: dict[str, Tensor]) -> None:
         """Put a checkpoint's weights in (InputError naming the keys that do not fit)."""
@@ -261,71 +284,85 @@ class _Trace:
     with_maps: bool
 
 
+@dataclass
+class _Exported:
+    """The ONNX ModelProto of a Reaction graph without weights, the names of its weights, its
+    key in the graph cache (None: not cacheable) and whether it was read from there."""
+
+    model: object
+    weight_names: list[str]
+    key: str | None
+    cached: bool
+
+
 def _trace_and_export(graph: _ReactionGraph, settings: ExportSettings, channels: int,
-                      image_size: tuple[int, int], cache: GraphCache) -> tuple[object, list[str]]:
-    """The ONNX ModelProto of ``graph`` without weights, and the names of its weights: from
-    the cache when it holds the graph of the same trace, else exported (and stored)."""
+                      image_size: tuple[int, int], cache: GraphCache,
+                      read_cache: bool = True) -> _Exported:
+    """The graph from the cache when it holds one under the network's key (and
+    ``read_cache``), else traced and exported, and stored under that key."""
     try:
         with _quiet():
-            trace = _trace(graph, channels, image_size)
-            key = _graph_key(trace, settings, channels, image_size)
-            model = _cached_graph(cache, key, trace)
-            hit = model is not None
-            if not hit:
-                model = _to_onnx(trace).model_proto
+            trace = None
+            key = _graph_key("structure", structure_digest(graph.model, _traced_sources()),
+                             graph, settings, channels, image_size)
+            if key is None:  # a network the structure digest cannot vouch for
+                trace = _trace(graph, channels, image_size)
+                key = _graph_key("trace", trace_digest(trace.module), graph, settings,
+                                 channels, image_size)
+            model = _cached_graph(cache, key, graph.with_maps) if read_cache else None
+            cached = model is not None
+            if not cached:
+                model = _to_onnx(trace or _trace(graph, channels, image_size)).model_proto
     except InputError:
         raise
     except Exception as error:  # torch's tracers and exporter raise many types
         lines = str(error).strip().splitlines()
         raise InputError(f"cannot export the model to ONNX: {type(error).__name__}: "
                          f"{lines[0] if lines else ''}") from None
-    model, names = _weights_as_initializers(model, list(trace.weights))
-    if key is not None and not hit:
+    model, names = _weights_as_initializers(model, list(_graph_weights(graph)))
+    if key is not None and not cached:
         cache.put(key, model.SerializeToString())
-    return model, names
+    return _Exported(model, names, key, cached)
 
 
-_GRAPH_CACHE_VERSION = 1  # raise when what the key covers or the stored graph changes
+_GRAPH_CACHE_VERSION = 2  # raise when what the key covers or the stored graph changes
 
 
-def _graph_key(trace: _Trace, settings: ExportSettings, channels: int,
-               image_size: tuple[int, int]) -> str | None:
-    """SHA-256 of everything the exported graph depends on: the trace's code and constants,
-    every weight's name, shape and dtype, the settings, the input, the versions of torch, onnx
-    and onnxscript, the opset. None (no caching) when a constant cannot be read by value."""
+def _traced_sources() -> list:
+    """The modules of this project whose code the graph computes around the network."""
+    import sys
+
+    from analyzer import gradcam, torch_backend
+    from store import spec
+
+    return [torch_backend, gradcam, spec, sys.modules[__name__]]
+
+
+def _graph_key(kind: str, digest: bytes | None, graph: _ReactionGraph,
+               settings: ExportSettings, channels: int, image_size: tuple[int, int]) -> str | None:
+    """SHA-256 of everything the exported graph depends on: the network's ``digest``
+    (:mod:`analyzer.graph_keys`, of the given ``kind``), every weight's name, shape and dtype,
+    the settings, the input, the versions of torch, onnx and onnxscript, the opset. None (no
+    caching) without a digest."""
     import hashlib
     import json
     from importlib import metadata
 
-    digest = hashlib.sha256()
-    described = {"version": _GRAPH_CACHE_VERSION, "opset": OPSET, "batch": _EXAMPLE_BATCH,
-                 "torch": torch.__version__, "onnx": metadata.version("onnx"),
-                 "onnxscript": metadata.version("onnxscript"),
+    if digest is None:
+        return None
+    described = {"version": _GRAPH_CACHE_VERSION, "digest": kind, "opset": OPSET,
+                 "batch": _EXAMPLE_BATCH, "torch": torch.__version__,
+                 "onnx": metadata.version("onnx"), "onnxscript": metadata.version("onnxscript"),
                  "spec": settings.spec.attributes(), "with_maps": settings.with_maps,
                  "channels": channels, "image_size": list(image_size),
                  "weights": [[name, list(tensor.shape), str(tensor.dtype)]
-                             for name, tensor in trace.weights.items()]}
-    digest.update(json.dumps(described, sort_keys=True).encode())
-    digest.update(trace.module.code.encode())
-    for node in trace.module.graph.nodes:
-        if node.op == "get_attr":
-            value = trace.module
-            for part in str(node.target).split("."):
-                value = getattr(value, part)
-            if not isinstance(value, Tensor):
-                return None
-            try:
-                content = value.detach().cpu().contiguous().numpy().tobytes()
-            except Exception:  # a fake or otherwise unreadable constant: do not cache
-                return None
-            digest.update(f"{node.target} {value.dtype} {list(value.shape)}".encode())
-            digest.update(content)
-    return digest.hexdigest()
+                             for name, tensor in _graph_weights(graph).items()]}
+    return hashlib.sha256(json.dumps(described, sort_keys=True).encode() + digest).hexdigest()
 
 
-def _cached_graph(cache: GraphCache, key: str | None, trace: _Trace):
+def _cached_graph(cache: GraphCache, key: str | None, with_maps: bool):
     """The ModelProto stored under ``key``; None when there is none, or it does not parse or
-    does not have the trace's outputs (then it is rewritten)."""
+    does not have the graph's outputs (then it is rewritten)."""
     payload = cache.get(key) if key is not None else None
     if payload is None:
         return None
@@ -336,19 +373,25 @@ def _cached_graph(cache: GraphCache, key: str | None, trace: _Trace):
     except Exception as error:  # protobuf's DecodeError and onnx's own
         logger.debug(f"graph cache: ignoring an entry that is not an ONNX model ({error})")
         return None
-    outputs = [LOGITS, REACTION, EMPTY] + ([CAM] if trace.with_maps else [])
+    outputs = [LOGITS, REACTION, EMPTY] + ([CAM] if with_maps else [])
     if [value.name for value in model.graph.output] != outputs or not model.graph.node:
         logger.debug("graph cache: ignoring an entry that is not a Reaction graph")
         return None
     return model
 
 
+def _graph_weights(graph: _ReactionGraph) -> dict[str, Tensor]:
+    """The network's parameters and buffers by ``state_dict`` name: the trace's inputs after
+    the images and targets."""
+    return {name.removeprefix("model."): tensor for name, tensor in
+            _named_tensors(graph).items()}
+
+
 def _trace(graph: _ReactionGraph, channels: int, image_size: tuple[int, int]) -> _Trace:
     """``make_fx`` of the graph's forward, the weights as inputs, only the batch symbolic."""
     from torch.fx.experimental.proxy_tensor import make_fx
 
-    tensors = {name.removeprefix("model."): tensor for name, tensor in
-               _named_tensors(graph).items()}
+    tensors = _graph_weights(graph)
     names = list(tensors)
     generator = torch.Generator().manual_seed(0)
     images = torch.rand(_EXAMPLE_BATCH, channels, *image_size, generator=generator)

@@ -12,7 +12,8 @@ of ``--batch``; the same with the weights handed to ONNX Runtime as external ini
 weightless template serialised once (``analyzer reaction --backend onnx`` since issue 14's
 graph-cache change); for "onnx files" the exported file read (parsed, hashed), its session, the same
 compute; and the exporter built again from the graph cache that the first export filled
-(store/graph_cache.py: make_fx trace, key, read). Seconds wall, medians over rounds
+(store/graph_cache.py: the key from the fx structure digest, the read, the check of the cached
+graph against the network). Seconds wall, medians over rounds
 (per-checkpoint rows: over rounds x checkpoints).
 The exporter's imports (torch.onnx, onnxscript, onnx, onnxruntime) are timed once, first.
 """
@@ -146,11 +147,12 @@ def _timed_exporter(model, spec, timer: _Timer, cache_dir: Path):
     """A ReactionGraphExporter whose export runs stage by stage under the timer (no cache);
     then the same exporter built again from a warm graph cache in ``cache_dir``."""
     import analyzer.onnx_export as export
+    from analyzer.graph_keys import structure_digest
     from store.graph_cache import GraphCache
 
     trace_and_export = export._trace_and_export
 
-    def staged(graph, settings, channels, image_size, _cache):
+    def staged(graph, settings, channels, image_size, _cache, read_cache=True):
         with export._quiet():
             with timer("export: make_fx trace (batch symbolic)", CONVERTING):
                 trace = export._trace(graph, channels, image_size)
@@ -158,11 +160,12 @@ def _timed_exporter(model, spec, timer: _Timer, cache_dir: Path):
                 program = export._to_onnx(trace, optimize=False)
             with timer("export: onnxscript optimiser", CONVERTING):
                 program.optimize()
-        with timer("graph cache: key (SHA-256 of the trace and the rest)", EXTERNAL):
-            key = export._graph_key(trace, settings, channels, image_size)
+        with timer("graph cache: key (fx structure digest and the rest)", EXTERNAL):
+            key = export._graph_key("structure", structure_digest(
+                graph.model, export._traced_sources()), graph, settings, channels, image_size)
         model, names = export._weights_as_initializers(program.model_proto, list(trace.weights))
         GraphCache(cache_dir).put(key, model.SerializeToString())
-        return model, names
+        return export._Exported(model, names, key, cached=False)
 
     settings = export.ExportSettings(spec)
     export._trace_and_export = staged
@@ -171,7 +174,7 @@ def _timed_exporter(model, spec, timer: _Timer, cache_dir: Path):
     finally:
         export._trace_and_export = trace_and_export
     os.environ["REACTION_CACHE_DIR"] = str(cache_dir)
-    with timer("export with a graph cache hit (make_fx + key + read + parse)", EXTERNAL):
+    with timer("export with a graph cache hit (key + read + parse + check)", EXTERNAL):
         return export.ReactionGraphExporter(model, settings, channels=1, image_size=IMAGE_SIZE)
 
 

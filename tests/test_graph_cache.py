@@ -128,6 +128,24 @@ def test_a_changed_forward_with_the_same_class_and_weights_misses(tmp_path, monk
     assert len(entries(tmp_path)) == 2
 
 
+def test_an_entry_that_does_not_reproduce_the_network_is_exported_again(tmp_path, monkeypatch,
+                                                                       caplog):
+    monkeypatch.setenv("REACTION_CACHE_DIR", str(tmp_path))
+    torch.manual_seed(0)
+    plain = two_nets(False)
+    export_with_cache(plain)
+    [entry] = entries(tmp_path)
+    good = entry.read_bytes()
+    export_with_cache(two_nets(True))
+    [other] = [path for path in entries(tmp_path) if path != entry]
+    entry.write_bytes(other.read_bytes())  # a well-formed entry of another computation
+    exporter = export_with_cache(plain)
+    assert "does not reproduce this network: exported again" in caplog.text
+    assert entry.read_bytes() == good
+    exporter.load_weights(plain.state_dict())
+    exporter.model_bytes()  # the self-check on the checkpoint's weights passes
+
+
 @pytest.mark.parametrize("damage", ["garbage", "cut short", "not a graph"])
 def test_a_damaged_entry_is_ignored_and_replaced(tmp_path, monkeypatch, damage):
     import hashlib
