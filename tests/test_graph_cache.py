@@ -128,14 +128,19 @@ def test_a_changed_forward_with_the_same_class_and_weights_misses(tmp_path, monk
     assert len(entries(tmp_path)) == 2
 
 
+def exported_once(folder: Path, monkeypatch) -> tuple[nn.Module, Path, bytes]:
+    """A tiny network exported into a graph cache in ``folder``: it, its entry, the bytes."""
+    monkeypatch.setenv("REACTION_CACHE_DIR", str(folder))
+    torch.manual_seed(0)
+    model = two_nets(False)
+    export_with_cache(model)
+    [entry] = entries(folder)
+    return model, entry, entry.read_bytes()
+
+
 def test_an_entry_that_does_not_reproduce_the_network_is_exported_again(tmp_path, monkeypatch,
                                                                        caplog):
-    monkeypatch.setenv("REACTION_CACHE_DIR", str(tmp_path))
-    torch.manual_seed(0)
-    plain = two_nets(False)
-    export_with_cache(plain)
-    [entry] = entries(tmp_path)
-    good = entry.read_bytes()
+    plain, entry, good = exported_once(tmp_path, monkeypatch)
     export_with_cache(two_nets(True))
     [other] = [path for path in entries(tmp_path) if path != entry]
     entry.write_bytes(other.read_bytes())  # a well-formed entry of another computation
@@ -150,12 +155,7 @@ def test_an_entry_that_does_not_reproduce_the_network_is_exported_again(tmp_path
 def test_a_damaged_entry_is_ignored_and_replaced(tmp_path, monkeypatch, damage):
     import hashlib
 
-    monkeypatch.setenv("REACTION_CACHE_DIR", str(tmp_path))
-    torch.manual_seed(0)
-    model = two_nets(False)
-    export_with_cache(model)
-    [entry] = entries(tmp_path)
-    good = entry.read_bytes()
+    model, entry, good = exported_once(tmp_path, monkeypatch)
     junk = b"\x08\x96\x01 not an onnx model"
     entry.write_bytes({"garbage": b"junk", "cut short": good[:len(good) // 2],
                        "not a graph": CACHE_FORMAT + hashlib.sha256(junk).digest() + junk}[damage])
