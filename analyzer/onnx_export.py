@@ -142,6 +142,7 @@ class ReactionGraphExporter:
         """Whether the graph, given the network's weights as they are, computes what the
         PyTorch backend does (the check of a graph read from the cache)."""
         from analyzer.onnx_backend import OnnxBackend
+
         file = OnnxFile(Path("cached graph"), self.weightless_template, "", self.contract)
         try:
             session = OnnxBackend(file, initializers=self.weight_arrays()).session
