@@ -151,6 +151,26 @@ def test_an_entry_that_does_not_reproduce_the_network_is_exported_again(tmp_path
     exporter.model_bytes()  # the self-check on the checkpoint's weights passes
 
 
+def test_a_network_fx_cannot_vouch_for_is_keyed_on_its_trace_and_hits(tmp_path, monkeypatch):
+    from analyzer.graph_keys import structure_digest
+
+    monkeypatch.setenv("REACTION_CACHE_DIR", str(tmp_path))
+    torch.manual_seed(0)
+    hooked = two_nets(False)
+    hooked.conv.register_forward_hook(lambda module, inputs, output: output * 3)
+    assert structure_digest(hooked, []) is None
+    export_with_cache(hooked)
+    [entry] = entries(tmp_path)
+    written = entry.stat().st_mtime_ns, entry.read_bytes()
+    exporter = export_with_cache(hooked)
+    assert entries(tmp_path) == [entry]
+    assert (entry.stat().st_mtime_ns, entry.read_bytes()) == written  # read, not rewritten
+    exporter.load_weights(hooked.state_dict())
+    exporter.model_bytes()  # the self-check: the hook's tripling is in the graph
+    export_with_cache(two_nets(False))  # the same network without its hook: another key
+    assert len(entries(tmp_path)) == 2
+
+
 @pytest.mark.parametrize("damage", ["garbage", "cut short", "not a graph"])
 def test_a_damaged_entry_is_ignored_and_replaced(tmp_path, monkeypatch, damage):
     import hashlib
