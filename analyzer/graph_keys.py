@@ -6,14 +6,16 @@
   forward (its code, every tensor constant by value), the class and plain attributes of each
   ``torch.nn`` module it calls, and the source of this project's code traced into the graph.
   It is None wherever that could miss a difference: a forward fx cannot trace, a module hook,
-  a called function from outside torch (a custom autograd function, ``torch.fx.wrap``), a
+  a called function from outside torch (``torch.fx.wrap``), a custom autograd function defined
+  where one of the network's classes is (fx runs its forward, never sees its backward), a
   ``torch.nn`` module holding a non-torch module or an attribute that is not a plain value.
 - :func:`trace_digest`, from the ``make_fx`` trace of the whole computation (seconds): for
   every network, where the structure digest is None.
 
-A cached graph found under the structure digest is checked against the PyTorch backend before
-it is used (analyzer/onnx_export.py), so a difference these digests miss costs an export, not
-a wrong result.
+A graph read from the cache is checked against the PyTorch backend before it is used
+(analyzer/onnx_export.py), so a difference these digests miss costs an export, not a wrong
+result. Nothing in a digest depends on the process (no object addresses): the same network
+gets the same digest in the next run.
 """
 
 from __future__ import annotations
@@ -59,14 +61,14 @@ def structure_digest(model: nn.Module, sources: Iterable[types.ModuleType]) -> b
         if node.op == "call_module":
             described = _leaf(model.get_submodule(node.target))
         elif node.op == "call_function":
-            described = f"{node.target}" if _from_torch(node.target) else None
+            described = _torch_function_name(node.target)
         elif node.op == "get_attr":
             described = _constant(_attribute(traced, node.target), weights)
         else:
             continue
         if described is None:
             return None
-        digest.update(f"{node.op} {node.target} {described}\n".encode())
+        digest.update(f"{node.op} {node.name} {described}\n".encode())
     return digest.digest()
 
 
@@ -126,14 +128,15 @@ def _leaf(module: nn.Module) -> str | None:
 
 
 def _plain(value: object) -> bool:
-    if isinstance(value, (tuple, list, set, frozenset)):
+    """A value whose ``repr`` is the same in every process (a set's order is not)."""
+    if isinstance(value, (tuple, list)):
         return all(_plain(item) for item in value)
     return isinstance(value, _PLAIN)
 
 
-def _from_torch(function: object) -> bool:
-    """Whether a called function is torch's (or Python's operators and builtins), whose
-    behaviour the torch version in the key pins down."""
+def _torch_function_name(function: object) -> str | None:
+    """``module.qualname`` of a called function that is torch's (or one of Python's operators
+    and builtins), whose behaviour the torch version in the key pins down; None otherwise."""
     owner = getattr(function, "__self__", None) or getattr(function, "__objclass__", None)
     if isinstance(owner, types.ModuleType):
         package = owner.__name__
@@ -143,7 +146,10 @@ def _from_torch(function: object) -> bool:
         package = type(owner).__module__
     else:
         package = getattr(function, "__module__", None) or ""
-    return package.split(".")[0] in _TORCH_PACKAGES
+    if package.split(".")[0] not in _TORCH_PACKAGES:
+        return None
+    name = getattr(function, "__qualname__", None) or getattr(function, "__name__", None)
+    return f"{package}.{name}" if name else None
 
 
 def _attribute(root: nn.Module, target: str) -> object:

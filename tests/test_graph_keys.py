@@ -141,6 +141,47 @@ def test_a_network_beside_a_custom_autograd_function_gets_no_digest(tmp_path):
     assert digest(module.Net()) is None
 
 
+FUNCTIONAL_MODULE = '''
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 2, 3)
+
+    def forward(self, x):
+        features = F.relu(self.conv(x))
+        return torch.cat([torch.flatten(features, 1), features.mean((2, 3)) + 1], dim=1)
+'''
+
+DIGEST_OF_FUNCTIONAL_NET = """
+import importlib.util, sys
+from analyzer import gradcam
+from analyzer.graph_keys import structure_digest
+spec = importlib.util.spec_from_file_location("functional_net", sys.argv[1])
+module = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(module)
+print(structure_digest(module.Net(), [gradcam]).hex())
+"""
+
+
+def test_a_forward_calling_torch_functions_gets_the_same_digest_in_another_process(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    (tmp_path / "functional_net.py").write_text(FUNCTIONAL_MODULE)
+    root = Path(__file__).resolve().parents[1]
+    digests = [subprocess.run([sys.executable, "-c", DIGEST_OF_FUNCTIONAL_NET,
+                               str(tmp_path / "functional_net.py")], cwd=root, check=True,
+                              capture_output=True, text=True).stdout.strip()
+               for _ in range(2)]
+    assert len(digests[0]) == 64 and digests[0] == digests[1]
+
+
 def test_the_trace_digest_reads_constants_by_value():
     from torch.fx.experimental.proxy_tensor import make_fx
 
