@@ -145,9 +145,7 @@ class ReactionGraphExporter:
 
         file = OnnxFile(Path("cached graph"), self.weightless_template, "", self.contract)
         try:
-            session = OnnxBackend(file, initializers=self.weight_arrays()).session
-            _verify(session, self.backend, self.channels, self.image_size,
-                    self.contract.num_classes)
+            self._compare(OnnxBackend(file, initializers=self.weight_arrays()).session)
         except InputError:
             return False
         return True
@@ -179,9 +177,7 @@ class ReactionGraphExporter:
         model.metadata_props.extend(_entries({k: v for k, v in per_file.items() if v}))
         payload = model.SerializeToString()
         if not self._verified:
-            _verify(_checked_session(payload), self.backend, self.channels, self.image_size,
-                    self.contract.num_classes)
-            self._verified = True
+            self.check_once(_checked_session(payload))
         return payload
 
     @property
@@ -211,9 +207,13 @@ class ReactionGraphExporter:
         """The self-check of the first session (compared with the PyTorch backend on the
         weights loaded last); later calls do nothing."""
         if not self._verified:
-            _verify(session, self.backend, self.channels, self.image_size,
-                    self.contract.num_classes)
+            self._compare(session)
             self._verified = True
+
+    def _compare(self, session: object) -> None:
+        """Run ``session`` and the PyTorch backend on the same random images (InputError if
+        they differ)."""
+        _verify(session, self.backend, self.channels, self.image_size, self.contract.num_classes)
 
 
 def _placeholder(name: str, tensor: Tensor):
@@ -374,11 +374,16 @@ def _cached_graph(cache: GraphCache, key: str | None, with_maps: bool):
     except Exception as error:  # protobuf's DecodeError and onnx's own
         logger.debug(f"graph cache: ignoring an entry that is not an ONNX model ({error})")
         return None
-    outputs = [LOGITS, REACTION, EMPTY] + ([CAM] if with_maps else [])
-    if [value.name for value in model.graph.output] != outputs or not model.graph.node:
+    if [value.name for value in model.graph.output] != _outputs(with_maps) or \
+            not model.graph.node:
         logger.debug("graph cache: ignoring an entry that is not a Reaction graph")
         return None
     return model
+
+
+def _outputs(with_maps: bool) -> list[str]:
+    """The Reaction graph's output names, in order."""
+    return [LOGITS, REACTION, EMPTY] + ([CAM] if with_maps else [])
 
 
 def _graph_weights(graph: _ReactionGraph) -> dict[str, Tensor]:
@@ -413,10 +418,9 @@ def _to_onnx(trace: _Trace, optimize: bool = True):
     times it apart with ``optimize=False`` and ``program.optimize()``)."""
     names = list(trace.weights)
     batch = torch.export.Dim("batch", min=1)
-    outputs = [LOGITS, REACTION, EMPTY] + ([CAM] if trace.with_maps else [])
     return torch.onnx.export(
         trace.module, (trace.images, trace.targets, *trace.weights.values()), dynamo=True,
-        input_names=[IMAGES, TARGETS, *names], output_names=outputs,
+        input_names=[IMAGES, TARGETS, *names], output_names=_outputs(trace.with_maps),
         dynamic_shapes=({0: batch}, {0: batch}, *[None] * len(names)),
         opset_version=OPSET, optimize=optimize, verbose=False, report=False)
 
