@@ -42,3 +42,15 @@ def summarise_classes(image_reaction: np.ndarray, prediction: np.ndarray, loss: 
     model_reaction = float(class_reaction[present].mean()) if present.any() else float("nan")
     return ClassSummary(class_reaction, class_mean(prediction == labels), class_mean(loss),
                         empty, model_reaction)
+
+
+def cross_entropy(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Each image's cross-entropy loss, ``logsumexp(logits) - logits[label]``, taken in
+    float64 (shifted by the row's maximum, so large logits do not overflow) and returned as
+    float32; a row with a non-finite logit gives NaN or inf, as torch's does."""
+    values = np.asarray(logits, dtype=np.float64)
+    labels = np.asarray(labels, dtype=np.int64)
+    top = values.max(axis=1, keepdims=True)
+    with np.errstate(invalid="ignore", over="ignore"):
+        log_total = np.log(np.exp(values - top).sum(axis=1)) + top[:, 0]
+    return (log_total - values[np.arange(len(values)), labels]).astype(np.float32)

@@ -4,6 +4,11 @@ The images of every split are put on the device once. While one checkpoint compu
 one is taken from the plan and loaded in a background thread (read, hashed and, for ONNX,
 its inference session built), so the device waits for neither the disk nor a follower's
 watcher.
+
+A split's values stay on the device until the split is done, then come to the host in one
+copy; the predicted class and the cross-entropy are taken there, in NumPy. So the engine
+computes on whatever the backend kind takes (torch tensors, or NumPy arrays for ONNX Runtime
+on the CPU, where a pass needs no torch at all).
 """
 
 from __future__ import annotations
@@ -13,18 +18,20 @@ import time
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
-from torch import nn
 
-from analyzer.aggregate import summarise_classes
+from analyzer.aggregate import cross_entropy, summarise_classes
 from analyzer.backends import Backend, BackendKind, LoadedCheckpoint
 from analyzer.inputs import SplitData
 from analyzer.plan import PendingCheckpoint
+from store.checkpoint_files import CheckpointFile
 from store.errors import InputError
-from store.model_files import CheckpointFile
 from store.results import CheckpointResults, EpochResult
+
+if TYPE_CHECKING:
+    from analyzer.backends import Array
 
 logger = logging.getLogger(__name__)
 
@@ -39,12 +46,13 @@ class PerImage:
 
 
 class SplitsOnDevice:
-    """Every split's images and labels, moved to the device once for the whole pass."""
+    """Every split's images and labels, put once for the whole pass where ``kind``'s backends
+    take them (:meth:`BackendKind.to_device`)."""
 
-    def __init__(self, splits: Iterable[SplitData], device: torch.device) -> None:
+    def __init__(self, splits: Iterable[SplitData], kind: BackendKind) -> None:
         self.splits = {split.name: split for split in splits}
-        self.tensors = {name: (torch.as_tensor(split.images, device=device),
-                               torch.as_tensor(split.identity.labels, device=device))
+        self.tensors = {name: (kind.to_device(split.images),
+                               kind.to_device(split.identity.labels))
                         for name, split in self.splits.items()}
 
 
@@ -100,23 +108,33 @@ def _prefetched(plan: Iterable[PendingCheckpoint], kind: BackendKind,
             yield item
 
 
-def per_image_results(backend: Backend, images: torch.Tensor, labels: torch.Tensor,
-                      batch_size: int, num_classes: int, checkpoint: CheckpointFile) -> PerImage:
-    """Reaction, predicted class and cross-entropy of every image, batch by batch."""
-    reactions, predictions, losses = [], [], []
-    for batch_images, batch_labels in zip(images.split(batch_size), labels.split(batch_size),
-                                          strict=True):
-        result = backend.compute(batch_images, batch_labels)
+def per_image_results(backend: Backend, images: Array, labels: Array, batch_size: int,
+                      num_classes: int, checkpoint: CheckpointFile) -> PerImage:
+    """Reaction, predicted class and cross-entropy of every image, batch by batch; the
+    values come to the host once, at the end."""
+    reactions, logits = [], []
+    for start in range(0, len(images), batch_size):
+        result = backend.compute(images[start:start + batch_size],
+                                 labels[start:start + batch_size])
         if result.logits.shape[1] != num_classes:
             raise InputError(f"{checkpoint.path.name}: the model gives "
                              f"{result.logits.shape[1]} class scores but the data has "
                              f"{num_classes} classes")
         reactions.append(result.reaction)
-        predictions.append(result.logits.argmax(dim=1))
-        losses.append(nn.functional.cross_entropy(result.logits, batch_labels,
-                                                  reduction="none"))
-    return PerImage(torch.cat(reactions).cpu().numpy(), torch.cat(predictions).cpu().numpy(),
-                    torch.cat(losses).cpu().numpy())
+        logits.append(result.logits)
+    host_logits = _on_host(logits)
+    return PerImage(_on_host(reactions), host_logits.argmax(axis=1),
+                    cross_entropy(host_logits, _on_host([labels])))
+
+
+def _on_host(parts: list[Array]) -> np.ndarray:
+    """Batches joined on their device and copied to the host in one go (one wait for a
+    GPU, not one per batch)."""
+    if isinstance(parts[0], np.ndarray):
+        return np.concatenate(parts)
+    import torch  # the parts are torch tensors, so torch is loaded already
+
+    return torch.cat(parts).cpu().numpy()
 
 
 def _epoch_result(loaded: LoadedCheckpoint, split: SplitData, per_image: PerImage,

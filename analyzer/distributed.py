@@ -9,6 +9,9 @@ checkpoints the same way: rank 0 plans and broadcasts the plan, every rank compu
 its own device, and the results travel to rank 0 as tensors (no pickle), which alone writes them
 through the sink, each checkpoint as it arrives. The messages go over gloo on every machine:
 the results are written from host memory, so CUDA ranks would gain nothing from NCCL.
+
+torch is imported by the functions that talk to other ranks, not with the module: a process
+on its own (an ONNX pass on the CPU, say) needs no torch.
 """
 
 from __future__ import annotations
@@ -22,12 +25,10 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 import numpy as np
-import torch
-import torch.distributed as dist
 
 from analyzer.plan import PendingCheckpoint
+from store.checkpoint_files import CheckpointFile
 from store.errors import InputError, first_line
-from store.model_files import CheckpointFile
 from store.results import CheckpointResults, EpochResult
 
 T = TypeVar("T")
@@ -98,6 +99,8 @@ def rank_device(requested: str, ranks: Ranks) -> str:
     if requested.startswith("cuda:"):
         raise InputError(f"--device {requested}: under torchrun every rank takes "
                          "cuda:LOCAL_RANK; give --device cuda or auto")
+    import torch
+
     if requested == "cuda" or (requested == "auto" and torch.cuda.is_available()):
         return f"cuda:{ranks.local_rank}"
     if "OMP_NUM_THREADS" not in os.environ:  # torchrun sets 1 when it starts several ranks
@@ -110,6 +113,8 @@ def rank_device(requested: str, ranks: Ranks) -> str:
 def process_group(ranks: Ranks) -> Iterator[None]:
     """Join the job's process group (gloo) for the ``with`` block; on success, leave it
     together with every other rank, so that no message is cut off."""
+    import torch.distributed as dist
+
     try:
         dist.init_process_group("gloo", rank=ranks.rank, world_size=ranks.world,
                                 timeout=TIMEOUT)
@@ -142,6 +147,9 @@ def _reason(error: BaseException) -> str:
 
 def gather_devices(device: str, ranks: Ranks) -> list[str]:
     """Every rank's device, each once, sorted (for the results' ``devices`` attribute)."""
+    import torch
+    import torch.distributed as dist
+
     mine = torch.zeros(_DEVICE_BYTES, dtype=torch.uint8)
     name = device.encode()[:_DEVICE_BYTES]
     mine[:len(name)] = torch.frombuffer(bytearray(name), dtype=torch.uint8)
@@ -155,6 +163,9 @@ def share_plan(pending: Sequence[PendingCheckpoint] | None,
                ranks: Ranks) -> list[PendingCheckpoint]:
     """Rank 0's plan on every rank: a count, then one row per checkpoint (its epoch and a 0/1
     column per split still to compute). Other ranks find the epochs among ``checkpoints``."""
+    import torch
+    import torch.distributed as dist
+
     count = torch.tensor([len(pending) if ranks.writer and pending else 0])
     _talk(ranks, "receiving the plan", dist.broadcast, count, src=0)
     table = torch.zeros((int(count), 1 + len(splits)), dtype=torch.int64)
@@ -188,6 +199,9 @@ _CLASS_FIELDS = ("class_reaction", "accuracy", "loss", "empty_maps")
 def send_results(result: CheckpointResults, ranks: Ranks) -> None:
     """Send one checkpoint's results to rank 0: one float64 tensor of every split's values
     (float32, int16 and int32 values travel exactly in float64) and one of their SHA-256."""
+    import torch
+    import torch.distributed as dist
+
     values: list[np.ndarray] = []
     hashes = b""
     for split_result in result.splits.values():
@@ -205,6 +219,9 @@ def send_results(result: CheckpointResults, ranks: Ranks) -> None:
 def receive_results(pending: PendingCheckpoint, source: int, images: Mapping[str, int],
                     num_classes: int, ranks: Ranks) -> CheckpointResults:
     """On rank 0: the results of one planned checkpoint, as rank ``source`` sent them."""
+    import torch
+    import torch.distributed as dist
+
     sizes = {split: 2 * images[split] + len(_CLASS_FIELDS) * num_classes + 2
              for split in pending.splits}
     payload = torch.empty(sum(sizes.values()), dtype=torch.float64)

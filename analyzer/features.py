@@ -31,9 +31,9 @@ from analyzer.figures import NamedFigure, RunData
 from analyzer.pass_setup import PassRequest, set_up_pass
 from analyzer.plan import parse_epochs
 from analyzer.torch_backend import TorchBackend, _eval_mode, find_layer
+from store.checkpoint_files import CheckpointFile
 from store.errors import InputError
 from store.feature_results import FeatureEvolution, read_feature_evolutions
-from store.model_files import CheckpointFile
 
 logger = logging.getLogger(__name__)
 

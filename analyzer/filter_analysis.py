@@ -22,10 +22,9 @@ from analyzer.figures import NamedFigure, RunData
 from analyzer.filter_weights import ConvFilters, NetworkOptions, network_for, read_filters
 from analyzer.filters import Dissimilarity, both_directions, check_same_kernels
 from analyzer.plan import parse_epochs
-from store.checkpoints import sha256_file
+from store.checkpoint_files import discover_checkpoints, sha256_file
 from store.errors import InputError
 from store.filter_results import FilterEvolution, read_filter_evolutions
-from store.model_files import discover_checkpoints
 
 _ANNOTATE_UP_TO = 32  # filters: beyond this the values printed in the cells are unreadable
 

@@ -18,14 +18,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from analyzer.inputs import find_run_file, resolve_network
+from analyzer.inputs import find_run_file
+from analyzer.network import resolve_network
+from store.checkpoint_files import CheckpointFile, checkpoint_epoch
 from store.errors import InputError
-from store.model_files import (
-    CheckpointFile,
-    checkpoint_epoch,
-    load_weights_file,
-    strip_common_prefix,
-)
+from store.model_files import load_weights_file, strip_common_prefix
 from store.onnx_weights import read_onnx_conv_weights
 
 

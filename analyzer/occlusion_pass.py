@@ -23,10 +23,9 @@ from analyzer.inputs import SplitData
 from analyzer.occlusion import occlusion_maps, patch_positions
 from analyzer.pass_setup import Pass, PassRequest, set_up_pass
 from analyzer.plan import parse_epochs
-from store.checkpoints import sha256_file
+from store.checkpoint_files import CheckpointFile, sha256_file
 from store.errors import InputError
 from store.h5io import remove_stale_copies
-from store.model_files import CheckpointFile
 from store.occlusion import (
     OcclusionEpoch,
     OcclusionImages,

@@ -2,27 +2,29 @@
 
 One inference session per checkpoint, tuned for throughput: every graph optimisation (which
 also folds batch norm into the convolutions), sequential execution, one intra-op thread per
-core. On the CPU the images are handed over as NumPy views of the tensors loaded once; on a GPU
-they stay in device memory and are bound to the session by address (I/O binding), so no image
-is copied per checkpoint. CUDA is used only when ONNX Runtime can really run on it; provider
-errors never reach the user.
+core. On the CPU the images are NumPy arrays loaded once, and a pass over ONNX files imports
+no torch (1–3 s of every run's start); on a GPU they are torch tensors that stay in device
+memory and are bound to the session by address (I/O binding), so no image is copied per
+checkpoint. A backend answers in the type it is given, so analyses that hand it torch tensors
+(``analyzer cam``, occlusion) get torch tensors back. CUDA is used only when ONNX Runtime can
+really run on it; provider errors never reach the user.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import functools
 import io
 import os
+import sys
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
-from torch import Tensor
 
 from analyzer.backends import BackendKind, BackendSetup, BatchResult, LoadedCheckpoint
-from store.checkpoints import sha256_file
+from store.checkpoint_files import CheckpointFile, sha256_file
 from store.errors import InputError
-from store.model_files import CheckpointFile, load_weights_file
 from store.onnx_files import (
     CAM,
     EMPTY,
@@ -35,9 +37,13 @@ from store.onnx_files import (
     read_onnx_file,
 )
 
+if TYPE_CHECKING:
+    from torch import Tensor
+
+    from analyzer.backends import Array
+
 _ERRORS_ONLY, _FATAL_ONLY = 3, 4
 _CUDA, _CPU = "CUDAExecutionProvider", "CPUExecutionProvider"
-_NUMPY_TYPES = {torch.float32: np.float32, torch.int64: np.int64, torch.bool: np.bool_}
 
 
 def _ort():
@@ -80,11 +86,17 @@ def cuda_usable() -> bool:
     """True when ONNX Runtime's CUDA provider really runs here (libraries found, GPU present).
 
     ``onnxruntime-gpu`` lists the CUDA provider even where CUDA or cuDNN is missing, and then
-    logs errors and falls back to the CPU. So: ask torch for a GPU, preload the CUDA and cuDNN
-    libraries (torch's CUDA wheels ship them), and open a one-node session on CUDA, silently.
+    logs errors and falls back to the CPU. So: look for the NVIDIA driver (without it there is
+    no GPU, and torch need not be imported to say so), ask torch for a GPU, preload the CUDA
+    and cuDNN libraries (torch's CUDA wheels ship them), and open a one-node session on CUDA,
+    silently.
     """
     ort = _ort()
-    if _CUDA not in ort.get_available_providers() or not torch.cuda.is_available():
+    if _CUDA not in ort.get_available_providers() or not _nvidia_driver_loads():
+        return False
+    import torch  # slow import: only where a GPU may be
+
+    if not torch.cuda.is_available():
         return False
     sink = io.StringIO()
     with contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
@@ -99,6 +111,17 @@ def cuda_usable() -> bool:
             return False
         finally:
             ort.set_default_logger_severity(_ERRORS_ONLY)
+
+
+def _nvidia_driver_loads() -> bool:
+    """Whether the NVIDIA driver's CUDA library loads (Linux; elsewhere torch is asked)."""
+    if not sys.platform.startswith("linux"):
+        return True
+    try:
+        ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return False
+    return True
 
 
 def _identity_model() -> bytes:
@@ -123,19 +146,19 @@ def _cuda_requirement() -> str:
             f"CUDA {cuda.split('.')[0]} and cuDNN 9 libraries, e.g. from torch's CUDA wheels")
 
 
-def onnx_device(requested: str) -> torch.device:
+def onnx_device(requested: str) -> str:
     """Where the ONNX backend runs: ``auto`` → CUDA when ONNX Runtime can use it, else CPU."""
-    from trainer.devices import resolve_device
+    if requested in ("auto", "cpu"):
+        return "cuda" if requested == "auto" and cuda_usable() else "cpu"
+    from trainer.devices import resolve_device  # torch: only for a device other than the CPU
 
-    if requested == "auto":
-        return torch.device("cuda" if cuda_usable() else "cpu")
     device = resolve_device(requested)
     if device.type == "cuda" and not cuda_usable():
         raise InputError(f"onnxruntime cannot use CUDA here ({_cuda_requirement()}): use "
                          "--device cpu or --backend torch")
     if device.type not in ("cuda", "cpu"):
         raise InputError(f"the onnx backend runs on cpu or cuda, not {device.type}")
-    return device
+    return str(device)
 
 
 class OnnxBackend:
@@ -144,7 +167,8 @@ class OnnxBackend:
     Args:
         file: the checkpoint, read by :func:`store.onnx_files.read_onnx_file`.
         device: ``cpu`` or a CUDA device (see :func:`onnx_device`); the images and labels
-            passed to :meth:`compute` must be there.
+            passed to :meth:`compute` must be there: NumPy arrays or torch tensors on the
+            CPU, torch tensors on a GPU.
         threads: intra-op threads; default one per core (:func:`intra_op_threads`).
         initializers: the weights, by initializer name, when ``file.payload`` declares them
             without data (a PyTorch checkpoint converted in memory:
@@ -154,71 +178,95 @@ class OnnxBackend:
 
     name = "onnx"
 
-    def __init__(self, file: OnnxFile, device: torch.device | str = "cpu",
-                 threads: int | None = None,
+    def __init__(self, file: OnnxFile, device: str = "cpu", threads: int | None = None,
                  initializers: dict[str, np.ndarray] | None = None) -> None:
         self.file = file
         self.contract = file.contract
-        self.device = torch.device(device)
+        self.device = str(device)
+        self._cuda_index = _cuda_index(self.device)
         self._initializers = _ort_values(initializers)
         self.session = _session(file, self.device, threads, self._initializers)
         self._inputs = {value.name for value in self.session.get_inputs()}
         self._cam_shape = next((value.shape[1:] for value in self.session.get_outputs()
                                 if value.name == CAM), None)
 
-    def compute(self, images: Tensor, labels: Tensor, keep_maps: bool = False) -> BatchResult:
+    def compute(self, images: Array, labels: Array, keep_maps: bool = False) -> BatchResult:
         """One run of the graph for the whole batch: logits, Reaction, empty flags[, maps]."""
         if keep_maps and not self.contract.with_maps:
             raise InputError(f"{self.file.path.name} was exported without maps: export it "
                              "again with 'analyzer export-onnx --with-maps'")
-        images = images.detach().to(torch.float32).contiguous()
-        labels = labels.detach().to(torch.int64).contiguous()
         names = [LOGITS, REACTION, EMPTY, *([CAM] if keep_maps else [])]
-        if self.device.type == "cuda":
-            outputs = self._run_bound(images, labels, names)
-        else:
-            feeds = {IMAGES: images.numpy()}
-            if TARGETS in self._inputs:
-                feeds[TARGETS] = labels.numpy()
-            outputs = [torch.from_numpy(value) for value in self.session.run(names, feeds)]
+        outputs = self._run(images, labels, names)
         return BatchResult(outputs[0], outputs[1], outputs[2],
                            outputs[3] if keep_maps else None)
 
-    def logits(self, images: Tensor) -> Tensor:
+    def logits(self, images: Array) -> Array:
         """Logits of a batch: only the graph's path to ``logits`` runs (no gradient part).
 
         A ``targets`` input, which only the gradient part reads, is fed zeros.
         """
-        images = images.detach().to(torch.float32).contiguous()
-        targets = torch.zeros(images.shape[0], dtype=torch.int64, device=images.device)
-        if self.device.type == "cuda":
-            return self._run_bound(images, targets, [LOGITS])[0]
-        feeds = {IMAGES: images.numpy()}
+        targets = np.zeros(len(images), dtype=np.int64)
+        if not isinstance(images, np.ndarray):
+            import torch  # the images are torch tensors, so torch is loaded already
+
+            targets = torch.from_numpy(targets).to(images.device)
+        return self._run(images, targets, [LOGITS])[0]
+
+    def _run(self, images: Array, labels: Array, names: list[str]) -> list[Array]:
+        """The graph's outputs ``names`` for a batch, in the type of ``images``."""
+        if self._cuda_index is not None:
+            return self._run_bound(images, labels, names)
+        on_numpy = isinstance(images, np.ndarray)
+        feeds = {IMAGES: _host_array(images, np.float32)}
         if TARGETS in self._inputs:
-            feeds[TARGETS] = targets.numpy()
-        return torch.from_numpy(self.session.run([LOGITS], feeds, _forward_only())[0])
+            feeds[TARGETS] = _host_array(labels, np.int64)
+        outputs = self.session.run(names, feeds, _forward_only() if names == [LOGITS] else None)
+        if on_numpy:
+            return outputs
+        import torch  # the images are torch tensors, so torch is loaded already
+
+        return [torch.from_numpy(value) for value in outputs]
 
     def _run_bound(self, images: Tensor, labels: Tensor, names: list[str]) -> list[Tensor]:
         """Run on the GPU with inputs and outputs bound to torch's device memory."""
-        batch, index = images.shape[0], self.device.index or 0
+        import torch  # on a GPU the images are torch tensors, so torch is loaded already
+
+        images = images.detach().to(torch.float32).contiguous()
+        labels = labels.detach().to(torch.int64).contiguous()
+        batch, index = images.shape[0], self._cuda_index
         shapes = {LOGITS: [batch, self.contract.num_classes], REACTION: [batch],
                   EMPTY: [batch], CAM: [batch, *(self._cam_shape or [])]}
         dtypes = {LOGITS: torch.float32, REACTION: torch.float32, EMPTY: torch.bool,
                   CAM: torch.float32}
+        numpy_types = {torch.float32: np.float32, torch.int64: np.int64, torch.bool: np.bool_}
         outputs = [torch.empty(shapes[name], dtype=dtypes[name], device=self.device)
                    for name in names]
         binding = self.session.io_binding()
         bound = [(IMAGES, images)] + ([(TARGETS, labels)] if TARGETS in self._inputs else [])
         for name, tensor in bound:
-            binding.bind_input(name, "cuda", index, _NUMPY_TYPES[tensor.dtype],
+            binding.bind_input(name, "cuda", index, numpy_types[tensor.dtype],
                                list(tensor.shape), tensor.data_ptr())
         for name, tensor in zip(names, outputs, strict=True):
-            binding.bind_output(name, "cuda", index, _NUMPY_TYPES[tensor.dtype],
+            binding.bind_output(name, "cuda", index, numpy_types[tensor.dtype],
                                 list(tensor.shape), tensor.data_ptr())
         torch.cuda.current_stream(self.device).synchronize()  # torch's writes are done
         self.session.run_with_iobinding(binding, _forward_only() if names == [LOGITS] else None)
         binding.synchronize_outputs()  # onnxruntime's writes are done
         return outputs
+
+
+def _host_array(values: Array, dtype: type) -> np.ndarray:
+    """A batch as the C-contiguous NumPy array of ``dtype`` ONNX Runtime reads (a view where
+    it already is one)."""
+    if not isinstance(values, np.ndarray):
+        values = values.detach().numpy()
+    return np.ascontiguousarray(values, dtype=dtype)
+
+
+def _cuda_index(device: str) -> int | None:
+    """The CUDA device number of ``cuda`` / ``cuda:N``; None for the CPU."""
+    kind, _, index = device.partition(":")
+    return (int(index) if index else 0) if kind == "cuda" else None
 
 
 def _forward_only():
@@ -237,14 +285,14 @@ def _ort_values(initializers: dict[str, np.ndarray] | None) -> dict[str, object]
             for name, array in initializers.items()}
 
 
-def _session(file: OnnxFile, device: torch.device, threads: int | None = None,
+def _session(file: OnnxFile, device: str, threads: int | None = None,
              initializers: dict[str, object] | None = None):
     """The file's inference session on ``device``, with ``initializers`` (ONNX Runtime
     values) as its external initializers; InputError naming the file if it fails."""
     ort = _ort()
     providers: list = [_CPU]
-    if device.type == "cuda":
-        providers = [(_CUDA, {"device_id": device.index or 0,
+    if _cuda_index(device) is not None:
+        providers = [(_CUDA, {"device_id": _cuda_index(device),
                               # one conv algorithm search per session would dominate
                               "cudnn_conv_algo_search": "HEURISTIC",
                               "use_tf32": "0"}), _CPU]  # float32, as the torch backend
@@ -268,8 +316,6 @@ class OnnxKind(BackendKind):
     """
 
     name = "onnx"
-    native_suffixes = (".onnx",)
-    converts_torch = True
 
     def __init__(self, setup: BackendSetup) -> None:
         super().__init__(setup)
@@ -277,9 +323,16 @@ class OnnxKind(BackendKind):
         self._exporter = None if setup.native else _exporter(setup)
 
     @staticmethod
-    def device(requested: str) -> torch.device:
+    def device(requested: str) -> str:
         """See :func:`onnx_device`."""
         return onnx_device(requested)
+
+    def to_device(self, array: np.ndarray) -> Array:
+        """On the CPU the array itself (ONNX Runtime reads NumPy; no torch is needed), on a
+        GPU a torch tensor there (bound to the session by address)."""
+        if _cuda_index(self.setup.device) is None:
+            return array
+        return super().to_device(array)
 
     def load(self, checkpoint: CheckpointFile) -> LoadedCheckpoint:
         """Read (or convert) the checkpoint and build its inference session."""
@@ -292,6 +345,7 @@ class OnnxKind(BackendKind):
                                  "classes): analyse them separately")
         else:
             from analyzer.onnx_export import checkpoint_arrays
+            from store.model_files import load_weights_file
 
             weights, sha = load_weights_file(checkpoint.path), sha256_file(checkpoint.path)
             if weights.state_dict is None:

@@ -31,15 +31,10 @@ from tqdm import tqdm
 
 from analyzer.graph_keys import structure_digest, trace_digest
 from analyzer.torch_backend import TorchBackend
+from store.checkpoint_files import TORCH_SUFFIXES, CheckpointFile, discover_checkpoints
 from store.errors import InputError
 from store.graph_cache import GraphCache, default_cache_dir
-from store.model_files import (
-    CHECKPOINT_SUFFIXES,
-    CheckpointFile,
-    discover_checkpoints,
-    load_weights_file,
-    strip_common_prefix,
-)
+from store.model_files import load_weights_file, strip_common_prefix
 from store.onnx_files import (
     CAM,
     EMPTY,
@@ -59,7 +54,7 @@ from store.onnx_files import (
 from store.spec import ReactionSpec
 
 if TYPE_CHECKING:
-    from analyzer.inputs import NetworkInputs
+    from analyzer.network import NetworkInputs
     from trainer.train import SavedCheckpoint
 
 logger = logging.getLogger(__name__)
@@ -67,7 +62,6 @@ logger = logging.getLogger(__name__)
 OPSET = 18
 _EXAMPLE_BATCH = 2  # traced with a symbolic batch; 0 and 1 would be specialised
 _MAX_BYTES = 2**31 - 2**26  # protobuf's 2 GiB limit, with room for the graph itself
-TORCH_SUFFIXES = tuple(s for s in CHECKPOINT_SUFFIXES if s != ".onnx")
 
 
 @dataclass(frozen=True)
@@ -560,7 +554,8 @@ class ExportSummary:
 
 def export_checkpoints(options: ExportOptions, progress: bool = True) -> ExportSummary:
     """Write ``epoch_NNNN.onnx`` for every selected checkpoint into ``options.out``."""
-    from analyzer.inputs import find_run_file, resolve_network
+    from analyzer.inputs import find_run_file
+    from analyzer.network import resolve_network
     from analyzer.plan import parse_epochs
 
     checkpoints, ignored = discover_checkpoints(options.ckpt_dir, suffixes=TORCH_SUFFIXES)
@@ -589,7 +584,7 @@ def _export_each(checkpoints: list[CheckpointFile], network: NetworkInputs,
                  settings: ExportSettings,
                  options: ExportOptions, progress: bool) -> ExportSummary:
     """Write the ONNX file of each checkpoint whose file is missing or out of date."""
-    from store.checkpoints import sha256_file
+    from store.checkpoint_files import sha256_file
 
     summary = ExportSummary(Path(options.out), [], [])
     exporter = None

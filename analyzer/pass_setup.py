@@ -12,10 +12,15 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from analyzer.backends import _KINDS, BACKENDS, BackendKind, BackendSetup, backend_kind
-from analyzer.inputs import AnalysisInputs, find_run_file, resolve_inputs, resolve_onnx_inputs
+from analyzer.backends import BACKENDS, KINDS, BackendKind, BackendSetup, backend_kind
+from analyzer.inputs import AnalysisInputs, find_run_file, resolve_onnx_inputs
+from store.checkpoint_files import (
+    ONNX_SUFFIXES,
+    TORCH_SUFFIXES,
+    CheckpointFile,
+    discover_checkpoints,
+)
 from store.errors import InputError
-from store.model_files import CheckpointFile, discover_checkpoints
 from store.spec import ReactionSpec
 
 logger = logging.getLogger(__name__)
@@ -85,6 +90,8 @@ def set_up_pass(request: PassRequest, defaults: Mapping[str, str] | None = None)
     if native and kind.name != "torch":
         inputs, spec = _contract_inputs(request, checkpoints[0], run_file)
     else:
+        from analyzer.network import resolve_inputs  # torch: only for PyTorch checkpoints
+
         inputs = resolve_inputs(first_checkpoint=checkpoints[0], run_file=run_file,
                                 model=request.model, layer=request.layer or defaults.get("layer"),
                                 data=request.data, image_size=request.image_size,
@@ -92,8 +99,8 @@ def set_up_pass(request: PassRequest, defaults: Mapping[str, str] | None = None)
         spec = ReactionSpec(inputs.layer, request.score or defaults.get("score", "logit"),
                             request.target or defaults.get("target", "label"))
     device = kind.device(request.device)
-    suffixes = kind.native_suffixes if native else (".onnx",) if kind.name == "torch" \
-        else backend_kind("torch").native_suffixes
+    suffixes = KINDS[kind_name].native_suffixes if native else ONNX_SUFFIXES \
+        if kind_name == "torch" else TORCH_SUFFIXES
     return Pass(checkpoints, ignored, run_file, inputs, spec,
                 kind(BackendSetup(inputs, spec, device, native, request.graph_cache)), suffixes)
 
@@ -104,29 +111,26 @@ def _choose_files(request: PassRequest
     over. ``auto`` takes the first kind (in registry order) whose own files are in the
     folder; a kind that converts PyTorch checkpoints runs them when it finds none of its own.
     """
-    names = list(_KINDS) if request.backend == "auto" else [request.backend]
+    names = list(KINDS) if request.backend == "auto" else [request.backend]
     for name in names:
-        kind = backend_kind(name)
-        found = _discover(request.ckpt_dir, kind.native_suffixes)
+        found = _discover(request.ckpt_dir, KINDS[name].native_suffixes)
         if found is not None:
-            if kind.name != "torch":
-                _check_twins(request, kind, {c.epoch for c in found[0]})
+            if name != "torch":
+                _check_twins(request, name, {c.epoch for c in found[0]})
             return name, True, *found
-    kind = backend_kind(names[0])
-    torch_suffixes = backend_kind("torch").native_suffixes
-    if request.backend != "auto" and kind.converts_torch:
-        found = _discover(request.ckpt_dir, torch_suffixes)
+    if request.backend != "auto" and KINDS[names[0]].converts_torch:
+        found = _discover(request.ckpt_dir, TORCH_SUFFIXES)
         if found is not None:
-            return kind.name, False, *found
+            return names[0], False, *found
     if request.backend == "torch" and request.onnx_weights:
-        found = _discover(request.ckpt_dir, (".onnx",))
+        found = _discover(request.ckpt_dir, ONNX_SUFFIXES)
         if found is not None:
             return "torch", False, *found
     if request.backend == "torch" and any(
             path.suffix.lower() == ".onnx" for path in Path(request.ckpt_dir).iterdir()):
         raise InputError(f"{request.ckpt_dir} holds ONNX checkpoints only: they run on the "
                          "onnx backend (--backend onnx or auto)")
-    discover_checkpoints(request.ckpt_dir, suffixes=torch_suffixes)  # raises its own error
+    discover_checkpoints(request.ckpt_dir, suffixes=TORCH_SUFFIXES)  # raises its own error
     raise InputError(f"no checkpoint files in {request.ckpt_dir}")
 
 
@@ -140,13 +144,13 @@ def _discover(folder: Path, suffixes: tuple[str, ...]
         raise
 
 
-def _check_twins(request: PassRequest, kind: type[BackendKind], epochs: set[int]) -> None:
+def _check_twins(request: PassRequest, kind: str, epochs: set[int]) -> None:
     """A folder with files of this kind for only some of its PyTorch checkpoints: refused
     with ``--backend auto`` (which would silently analyse only those), a note otherwise.
 
     A follower waits for the twins of the checkpoints after the last one written.
     """
-    found = _discover(request.ckpt_dir, backend_kind("torch").native_suffixes)
+    found = _discover(request.ckpt_dir, TORCH_SUFFIXES)
     if found is None:
         return
     missing = sorted({c.epoch for c in found[0]} - epochs)
@@ -156,12 +160,12 @@ def _check_twins(request: PassRequest, kind: type[BackendKind], epochs: set[int]
         return
     shown = ", ".join(map(str, missing[:5])) + (", …" if len(missing) > 5 else "")
     if request.backend == "auto":
-        raise InputError(f"{request.ckpt_dir} holds {kind.name.upper()} files for only some "
+        raise InputError(f"{request.ckpt_dir} holds {kind.upper()} files for only some "
                          f"of its checkpoints ({len(missing)} without one: epochs {shown}): "
                          f"choose --backend torch (every PyTorch checkpoint) or --backend "
-                         f"{kind.name} (the {kind.name.upper()} files only)")
-    logger.warning(f"--backend {kind.name} leaves out {len(missing)} PyTorch checkpoints "
-                   f"without an {kind.name.upper()} file (epochs {shown})")
+                         f"{kind} (the {kind.upper()} files only)")
+    logger.warning(f"--backend {kind} leaves out {len(missing)} PyTorch checkpoints "
+                   f"without an {kind.upper()} file (epochs {shown})")
 
 
 def _contract_inputs(request: PassRequest, first: CheckpointFile,

@@ -14,9 +14,8 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from store.checkpoints import sha256_file
+from store.checkpoint_files import CheckpointFile, checkpoint_epoch, sha256_file
 from store.errors import InputError
-from store.model_files import CheckpointFile, checkpoint_epoch
 from store.runfile import read_run_progress
 
 

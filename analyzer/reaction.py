@@ -52,8 +52,8 @@ from analyzer.plan import (
     plan_pending,
 )
 from analyzer.stopping import StopRequested, StopSignals
+from store.checkpoint_files import CHECKPOINT_SUFFIXES, CheckpointFile
 from store.errors import InputError
-from store.model_files import CHECKPOINT_SUFFIXES, CheckpointFile
 from store.results import ResultsSink
 from store.runfile import RUN_FILE, read_run_info
 from trainer.allocator import keep_freed_memory
@@ -164,7 +164,7 @@ def _analyse(options: ReactionOptions, analysis: Pass, selection: EpochSelection
     if options.follow and run_file is not None:  # only epochs committed to the run file
         committed = read_run_info(run_file).completed_epochs
         checkpoints = [c for c in checkpoints if c.epoch <= committed]
-    data = SplitsOnDevice(inputs.splits, analysis.kind.setup.device)
+    data = SplitsOnDevice(inputs.splits, analysis.kind)
     first = _preflight(analysis, checkpoints[0] if checkpoints else analysis.checkpoints[0],
                        data)
     results_path = _results_path(options, run_file)

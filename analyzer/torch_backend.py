@@ -23,14 +23,9 @@ from torch import Tensor, nn
 from analyzer.backends import BackendKind, BackendSetup, BatchResult, LoadedCheckpoint
 from analyzer.bn_fold import FoldedNetwork
 from analyzer.gradcam import grad_cam_map, reaction_from_map, target_scores
-from store.checkpoints import sha256_file
+from store.checkpoint_files import CheckpointFile, sha256_file
 from store.errors import InputError, first_line
-from store.model_files import (
-    CHECKPOINT_SUFFIXES,
-    CheckpointFile,
-    LoadedWeights,
-    load_weights_file,
-)
+from store.model_files import LoadedWeights, load_weights_file
 from store.spec import ReactionSpec
 from trainer.devices import resolve_device
 
@@ -346,7 +341,6 @@ def _describe_mismatch(missing: list[str], unexpected: list[str], wrong_shape: l
     return "; ".join(parts)
 
 
-_TORCH_SUFFIXES = tuple(s for s in CHECKPOINT_SUFFIXES if s != ".onnx")
 
 
 class TorchKind(BackendKind):
@@ -357,7 +351,6 @@ class TorchKind(BackendKind):
     """
 
     name = "torch"
-    native_suffixes = _TORCH_SUFFIXES
 
     def __init__(self, setup: BackendSetup) -> None:
         super().__init__(setup)
@@ -368,9 +361,9 @@ class TorchKind(BackendKind):
             fuse_layers=True)
 
     @staticmethod
-    def device(requested: str) -> torch.device:
+    def device(requested: str) -> str:
         """``auto`` → CUDA when torch sees a GPU, else the CPU."""
-        return resolve_device(requested)
+        return str(resolve_device(requested))
 
     def load(self, checkpoint: CheckpointFile) -> LoadedCheckpoint:
         """Read the weights (or program) and hash the file; on a GPU, start copying the
@@ -412,8 +405,9 @@ class _StagedWeights:
     ready: torch.cuda.Event | None = None
 
     @classmethod
-    def start(cls, weights: LoadedWeights, device: torch.device) -> _StagedWeights:
+    def start(cls, weights: LoadedWeights, device: str) -> _StagedWeights:
         """Begin the copy of ``weights.state_dict`` to ``device`` (only a CUDA one)."""
+        device = torch.device(device)
         if device.type != "cuda" or weights.state_dict is None:
             return cls(weights)
         stream = torch.cuda.Stream(device)

@@ -128,7 +128,7 @@ def _transfer(rank: int, path: Path, images: int, rows: int, port: int, out: obj
     stores them; rank 0 puts the seconds per checkpoint on ``out``."""
     from analyzer.distributed import Ranks, process_group, receive_results, send_results
     from analyzer.plan import PendingCheckpoint
-    from store.model_files import CheckpointFile
+    from store.checkpoint_files import CheckpointFile
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     ranks = Ranks(rank, 2, rank)

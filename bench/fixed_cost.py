@@ -12,11 +12,13 @@ Per round and per (code, backend) it runs, each in a fresh process:
   system) from the command's start to its end, i.e. to the first checkpoint computed and
   stored, plus the process's exit;
 * the same command inside a stage timer (``--stages``, this script again) that wraps the
-  engine's functions by name and records each call's wall and CPU seconds: imports, the
-  set-up (files, checkpoint metadata, model build, image decoding, backend kind: the ONNX
-  export), the preflight (load, ONNX session, first-batch layout check), the results file,
-  the plan and the first checkpoint; the interpreter's own start (``python -c pass``) is
-  added in front;
+  engine's functions by name, each as its module is imported (so the timer imports nothing
+  the command would not), and records each call's wall and CPU seconds: imports (``cli`` and
+  ``analyzer.reaction``; a module the command imports later is timed in the stage that
+  imports it), the set-up (files, checkpoint metadata, model build, image decoding, backend
+  kind: the ONNX export), the preflight (load, ONNX session, first-batch layout check), the
+  results file, the plan and the first checkpoint; the interpreter's own start (``python -c
+  pass``) is added in front;
 * once per (code, backend), ``python -X importtime`` of the same command: import seconds per
   package.
 
@@ -30,9 +32,10 @@ cache exports in both ``onnx`` and ``onnx-cold``.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import functools
 import importlib
+import importlib.abc
+import importlib.util
 import json
 import os
 import re
@@ -60,7 +63,9 @@ STAGES = [
     ("set-up (set_up_pass)", "analyzer.pass_setup:set_up_pass", None),
     ("find files", "analyzer.pass_setup:_choose_files", "set-up (set_up_pass)"),
     ("checkpoint metadata", "analyzer.inputs:_checkpoint_metadata", "set-up (set_up_pass)"),
+    ("checkpoint metadata", "analyzer.network:_checkpoint_metadata", "set-up (set_up_pass)"),
     ("model build (--model)", "analyzer.inputs:_build_network", "set-up (set_up_pass)"),
+    ("model build (--model)", "analyzer.network:_build_network", "set-up (set_up_pass)"),
     ("image listing + decoding", "analyzer.inputs:_folder_splits", "set-up (set_up_pass)"),
     ("ONNX contract (files)", "analyzer.pass_setup:_contract_inputs", "set-up (set_up_pass)"),
     ("torch kind", "analyzer.torch_backend:TorchKind.__init__", "set-up (set_up_pass)"),
@@ -263,19 +268,23 @@ def _run_stages(arguments: list[str]) -> None:
     """Run ``analyzer ARGUMENTS`` in this process with the stage functions wrapped; print a
     JSON line of wall and CPU seconds per stage."""
     wall0, cpu0 = _T0, _C0  # this script's start
+    import analyzer.reaction  # noqa: F401  (the command's own module: every run imports it)
     import cli
 
-    modules = {name.split(":")[0] for _, name, _ in STAGES} | {"store.results"}
-    for module in modules:
-        with contextlib.suppress(ImportError):  # a module this checkout does not have
-            importlib.import_module(module)
     imports = (time.perf_counter() - wall0, time.process_time() - cpu0)
     records: list[tuple[str, float, float, float, float]] = []
-    for label, target, _ in STAGES:
-        _wrap(target, label, records)
     first_store: list[tuple[float, float]] = []
-    _wrap("store.results:ResultsSink.store", "store", records, first_store)
-    _wrap("analyzer.compute:per_image_results", "compute", records)
+    wraps = [(target, label, None) for label, target, _ in STAGES] + [
+        ("store.results:ResultsSink.store", "store", first_store),
+        ("analyzer.compute:per_image_results", "compute", None)]
+    pending: dict[str, list] = defaultdict(list)
+    for target, label, first in wraps:
+        pending[target.split(":")[0]].append(functools.partial(_wrap, target, label, records,
+                                                               first))
+    for module in [name for name in pending if name in sys.modules]:
+        for wrap in pending.pop(module):
+            wrap()
+    sys.meta_path.insert(0, _WrapOnImport(pending))
     sys.argv = ["analyzer", *arguments]
     try:
         cli.analyzer(standalone_mode=False)
@@ -304,6 +313,33 @@ def _run_stages(arguments: list[str]) -> None:
     totals["the whole command in the timer wall"] = end[0]
     totals["the whole command in the timer cpu"] = end[1]
     print(json.dumps(totals))
+
+
+class _WrapOnImport(importlib.abc.MetaPathFinder):
+    """Runs each module's pending wraps right after the module is first imported."""
+
+    def __init__(self, pending: dict[str, list]) -> None:
+        self.pending = pending
+
+    def find_spec(self, name, path, target=None):
+        if name not in self.pending:
+            return None
+        sys.meta_path.remove(self)  # the spec the other finders give
+        try:
+            spec = importlib.util.find_spec(name)
+        finally:
+            sys.meta_path.insert(0, self)
+        if spec is None or spec.loader is None:
+            return spec
+        execute, wraps = spec.loader.exec_module, self.pending.pop(name)
+
+        def exec_module(module):
+            execute(module)
+            for wrap in wraps:
+                wrap()
+
+        spec.loader.exec_module = exec_module
+        return spec
 
 
 def _wrap(target: str, label: str, records: list, first: list | None = None) -> None:
@@ -359,7 +395,7 @@ def _report(samples: dict, imports: dict, codes: list[str], backends: list[str])
                                                   for c in columns]))
     print(_row("stage timer: imports (cli and the engine's modules)",
                [_stage(samples[c], "imports (cli and the engine's modules)") for c in columns]))
-    for label, _, parent in STAGES:
+    for label, parent in dict.fromkeys((label, parent) for label, _, parent in STAGES):
         if any(f"{label} wall" in samples[c] for c in columns):
             indent = "  " if parent else ""
             print(_row(f"{indent}{label}", [_stage(samples[c], label) for c in columns]))

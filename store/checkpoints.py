@@ -40,15 +40,6 @@ def remove_stale_temporaries(folder: Path) -> None:
         stale.unlink(missing_ok=True)
 
 
-def sha256_file(path: Path) -> str:
-    """Hex SHA-256 of a file's bytes."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def save_checkpoint(path: Path, state_dict: dict[str, torch.Tensor],
                     metadata: dict[str, str]) -> str:
     """Write a weights-only checkpoint atomically and return its SHA-256.

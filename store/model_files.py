@@ -26,22 +26,14 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 import torch
 
+from store.checkpoint_files import CHECKPOINT_SUFFIXES
 from store.checkpoints import load_checkpoint
 from store.errors import InputError, first_line
 
-CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".ckpt", ".pt2", ".onnx")
 _PICKLE_SUFFIXES = (".pt", ".pth", ".ckpt")
 # Keys under which trainers nest the weights: Lightning, common tutorials, plain wrappers.
 _WEIGHT_KEYS = ("state_dict", "model_state_dict", "model")
 _WEIGHTS_ONLY_REFUSAL = "Weights only load failed"
-
-
-@dataclass(frozen=True)
-class CheckpointFile:
-    """One epoch's checkpoint file."""
-
-    epoch: int
-    path: Path
 
 
 @dataclass
@@ -66,62 +58,6 @@ class LoadedWeights:
         if self.state_dict is None:
             raise InputError("it holds a program, not weights for a network")
         return strip_common_prefix(self.state_dict, set(expected))
-
-
-def checkpoint_epoch(name: str) -> int | None:
-    """The epoch in a file name: the number after "epoch", else the stem's last number.
-
-    ``epoch_0012.safetensors`` → 12, ``model-epoch=7-step=100.ckpt`` → 7,
-    ``ckpt_33.pt`` → 33, ``best.pt`` → None.
-    """
-    stem = _stem(name)
-    after_epoch = re.search(r"epoch[\s_=:.-]*(\d+)", stem, flags=re.IGNORECASE)
-    if after_epoch:
-        return int(after_epoch[1])
-    numbers = re.findall(r"\d+", stem)
-    return int(numbers[-1]) if numbers else None
-
-
-def _stem(name: str) -> str:
-    path = PurePosixPath(name)
-    return path.stem if path.suffix.lower() in CHECKPOINT_SUFFIXES else path.name
-
-
-def discover_checkpoints(folder: Path, suffixes: tuple[str, ...] | None = None
-                         ) -> tuple[list[CheckpointFile], list[Path]]:
-    """Checkpoint files directly in ``folder`` sorted by epoch, and the files passed over.
-
-    A file is passed over when it is hidden, has another suffix (``.tmp`` included) or has
-    no epoch number in its name. Two files with the same epoch are an error, except that by
-    default an ``.onnx`` file beside a PyTorch checkpoint of its epoch (``trainer run --onnx``
-    writes both) is left out. With ``suffixes``, checkpoints of the other kinds are left out
-    silently.
-    """
-    folder = Path(folder)
-    if not folder.exists():
-        raise InputError(f"checkpoint folder not found: {folder}")
-    if not folder.is_dir():
-        raise InputError(f"checkpoint folder {folder} is not a folder")
-    found: dict[int, Path] = {}
-    ignored: list[Path] = []
-    for path in sorted(entry for entry in folder.iterdir() if entry.is_file()):
-        epoch = checkpoint_epoch(path.name)
-        suffix = path.suffix.lower()
-        if suffixes is not None and suffix in CHECKPOINT_SUFFIXES and suffix not in suffixes:
-            continue
-        if path.name.startswith(".") or suffix not in CHECKPOINT_SUFFIXES or epoch is None:
-            ignored.append(path)
-        elif epoch not in found:
-            found[epoch] = path
-        elif suffixes is None and {suffix, found[epoch].suffix.lower()} & {".onnx"} and \
-                suffix != found[epoch].suffix.lower():
-            found[epoch] = path if found[epoch].suffix.lower() == ".onnx" else found[epoch]
-        else:
-            raise InputError(f"two checkpoints for epoch {epoch}: {found[epoch]} and {path}")
-    if not found:
-        raise InputError(f"no checkpoint files ({', '.join(suffixes or CHECKPOINT_SUFFIXES)}) "
-                         f"with an epoch number in their name in {folder}")
-    return [CheckpointFile(epoch, found[epoch]) for epoch in sorted(found)], ignored
 
 
 def load_weights_file(path: Path) -> LoadedWeights:

@@ -31,6 +31,35 @@ def run_cli(name: str, *args: str, cwd: Path | None = None,
                           cwd=cwd or ROOT, env=env, timeout=timeout, check=False)
 
 
+# The console script in a process where importing torch fails, as a pass that must not need
+# it (ONNX files on the CPU) is run.
+_WITHOUT_TORCH = """
+import sys
+
+
+class NoTorch:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] == "torch":
+            raise ImportError(f"{{name}} was imported by a command that must not need torch")
+
+
+sys.meta_path.insert(0, NoTorch())
+import cli
+
+sys.argv = [{name!r}, *sys.argv[1:]]
+cli.{name}()
+"""
+
+
+def run_cli_without_torch(name: str, *args: str,
+                          timeout: float = 300) -> subprocess.CompletedProcess:
+    """:func:`run_cli`, in a process where any import of torch raises ImportError."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-c", _WITHOUT_TORCH.format(name=name), *args],
+                          capture_output=True, text=True, cwd=ROOT, env=env, timeout=timeout,
+                          check=False)
+
+
 def tree(folder: Path) -> dict[str, bytes]:
     """Every file under ``folder`` with its bytes (to prove that nothing changed).
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from store.checkpoints import sha256_file
+from store.checkpoint_files import sha256_file
 from store.results import read_split_results
 from store.runfile import read_run_info, read_training_curves
 from tests.conftest import ROOT, script

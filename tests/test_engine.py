@@ -13,9 +13,8 @@ import pytest
 
 from analyzer.plan import CheckpointWatcher, EpochSelection, plan_pending
 from analyzer.stopping import StopRequested, StopSignals
-from store.checkpoints import sha256_file
+from store.checkpoint_files import CheckpointFile, sha256_file
 from store.errors import InputError
-from store.model_files import CheckpointFile
 from store.results import (
     CheckpointResults,
     EpochResult,

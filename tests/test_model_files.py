@@ -17,15 +17,10 @@ from torch import nn
 
 from analyzer.model_factory import default_layer, resolve_model
 from analyzer.torch_backend import TorchBackend
+from store.checkpoint_files import CheckpointFile, checkpoint_epoch, discover_checkpoints
 from store.checkpoints import checkpoint_name, save_checkpoint
 from store.errors import InputError
-from store.model_files import (
-    CheckpointFile,
-    checkpoint_epoch,
-    discover_checkpoints,
-    load_weights_file,
-    strip_common_prefix,
-)
+from store.model_files import load_weights_file, strip_common_prefix
 from store.spec import ReactionSpec
 from trainer.models import ConvNet, ModelSpec, build_model, gradcam_layer
 

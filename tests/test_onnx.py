@@ -27,14 +27,14 @@ from analyzer.onnx_backend import OnnxBackend, cuda_usable
 from analyzer.onnx_export import ExportSettings, ReactionGraphExporter
 from analyzer.reaction import ReactionOptions, compute_reaction
 from analyzer.torch_backend import TorchBackend
-from store.checkpoints import load_checkpoint, sha256_file
+from store.checkpoint_files import CheckpointFile, discover_checkpoints, sha256_file
+from store.checkpoints import load_checkpoint
 from store.datasets import open_source
 from store.errors import InputError
-from store.model_files import CheckpointFile, discover_checkpoints
 from store.onnx_files import read_onnx_file
 from store.runfile import read_run_info
 from store.spec import ReactionSpec
-from tests.conftest import run_cli, write_rgb_classes
+from tests.conftest import run_cli, run_cli_without_torch, write_rgb_classes
 from tests.test_reaction_cli import FOREIGN_MODULE
 from trainer.models import ModelSpec, build_model, gradcam_layer
 
@@ -121,13 +121,15 @@ def checkpoint_model(path: Path) -> nn.Module:
 
 # ---- whole runs: a zoo model and a foreign architecture --------------------------------------
 
-def test_trainer_onnx_files_give_the_torch_backends_results_over_the_whole_run(onnx_run,
-                                                                              tmp_path):
+def test_trainer_onnx_files_give_the_torch_backends_results_without_importing_torch(onnx_run,
+                                                                                    tmp_path):
+    """The pass over ONNX files runs where importing torch fails (`import torch` is 1–3 s of
+    every run's start) and stores what the torch backend computes."""
     run = copy_run(onnx_run, tmp_path)
     checkpoints = run / "checkpoints"
     assert sorted(p.name for p in checkpoints.glob("epoch_*.onnx")) == [
         "epoch_0001.onnx", "epoch_0002.onnx", "epoch_0003.onnx"]
-    result = run_cli("analyzer", "reaction", "--ckpt-dir", str(checkpoints), "-q")
+    result = run_cli_without_torch("analyzer", "reaction", "--ckpt-dir", str(checkpoints), "-q")
     assert result.returncode == 0, result.stderr
     reference = run_cli("analyzer", "reaction", "--ckpt-dir", str(checkpoints), "--backend",
                         "torch", "--out", str(tmp_path / "torch.h5"), "-q")
@@ -196,6 +198,32 @@ def test_a_foreign_residual_cnn_exported_from_module_callable_matches_torch(tmp_
 
 
 # ---- the graph: batch sizes, score and target variants, maps ---------------------------------
+
+def test_the_torch_backend_fails_where_torch_cannot_be_imported(onnx_run, tmp_path):
+    """The check above can fail: a pass that needs torch does not run without it."""
+    result = run_cli_without_torch("analyzer", "reaction", "--ckpt-dir",
+                                   str(onnx_run / "checkpoints"), "--backend", "torch",
+                                   "--out", str(tmp_path / "torch.h5"), "-q")
+    assert result.returncode != 0
+    assert "torch was imported by a command that must not need torch" in result.stderr
+    assert not (tmp_path / "torch.h5").exists()
+
+
+def test_numpy_batches_give_numpy_results_equal_to_those_of_torch_tensors(onnx_run):
+    backend = OnnxBackend(read_onnx_file(onnx_run / "checkpoints" / "epoch_0003.onnx"))
+    images, labels = digits_split(onnx_run, "train")
+    images, labels = images[:32], labels[:32]
+    from_tensors = backend.compute(images, labels)
+    from_arrays = backend.compute(images.numpy(), labels.numpy())
+    for name in ("logits", "reaction", "empty"):
+        tensor, array = getattr(from_tensors, name), getattr(from_arrays, name)
+        assert isinstance(tensor, torch.Tensor) and isinstance(array, np.ndarray), name
+        np.testing.assert_allclose(array, tensor.numpy(), rtol=1e-6, err_msg=name)
+    logits = backend.logits(images.numpy())
+    assert isinstance(logits, np.ndarray)
+    np.testing.assert_allclose(logits, backend.logits(images).numpy(), rtol=1e-6)
+    np.testing.assert_allclose(logits, from_tensors.logits.numpy(), rtol=1e-5, atol=1e-6)
+
 
 def test_any_batch_size_gives_the_same_results(onnx_run):
     file = read_onnx_file(onnx_run / "checkpoints" / "epoch_0003.onnx")

@@ -17,6 +17,7 @@ import pytest
 import torch
 from safetensors.torch import save
 
+from store.checkpoint_files import sha256_file
 from store.checkpoints import (
     checkpoint_name,
     load_checkpoint,
@@ -25,7 +26,6 @@ from store.checkpoints import (
     safetensors_parts,
     save_checkpoint,
     save_resume_state,
-    sha256_file,
 )
 from store.errors import InputError
 from store.files import write_atomically

@@ -20,7 +20,8 @@ import torch
 from PIL import Image
 
 from analyzer.reaction import ReactionOptions, compute_reaction
-from store.checkpoints import load_checkpoint, sha256_file
+from store.checkpoint_files import sha256_file
+from store.checkpoints import load_checkpoint
 from store.datasets import load_split, open_source, plan_splits
 from store.errors import InputError
 from store.results import read_split_results
