@@ -64,8 +64,9 @@ def main() -> None:
                         help="comma-separated: captum, torch, onnx (warm graph cache), onnx "
                              "cold (empty graph cache), onnx files")
     parser.add_argument("--baseline", type=Path, default=None,
-                        help="another checkout's source folder (e.g. main's): its torch and "
-                             "onnx runs are timed too, as 'torch (baseline)', 'onnx (baseline)'")
+                        help="another checkout's source folder (e.g. main's): its torch, "
+                             "onnx and onnx files runs are timed too, as 'torch (baseline)' "
+                             "and so on")
     options = parser.parse_args()
     torch.set_num_threads(options.threads)
     work = make_workload(options.work)
@@ -74,7 +75,8 @@ def main() -> None:
     env["REACTION_CACHE_DIR"] = str(work / "graph-cache")
     methods = options.methods.split(",")
     if options.baseline is not None:
-        methods += [f"{m} (baseline)" for m in ("torch", "onnx") if m in methods]
+        methods += [f"{m} (baseline)" for m in ("torch", "onnx", "onnx files")
+                    if m in methods]
     baseline_env = environment(work, options.baseline.resolve(), options.threads) \
         if options.baseline is not None else None
     print(f"workload {work}: foreign Model II {IMAGE_SIZE[0]}x{IMAGE_SIZE[1]}, {CHECKPOINTS} "

@@ -179,6 +179,7 @@ def _warm_graph_cache(work: Path, threads: int) -> None:
     import shutil
 
     shutil.rmtree(work / "graph-cache", ignore_errors=True)
+    (work / "out.h5").unlink(missing_ok=True)  # results of another workload's checkpoints
     subprocess.run(analyzer_argv(reaction_command(work, "onnx", work / "out.h5", "1")),
                    env=_environment(work, None, threads), cwd=work, check=True,
                    stdout=subprocess.DEVNULL)
