@@ -185,7 +185,7 @@ class OnnxBackend:
         self.device = str(device)
         self._cuda_index = _cuda_index(self.device)
         self._initializers = _ort_values(initializers)
-        self.session = _session(file, self.device, threads, self._initializers)
+        self.session = _session(file, self._cuda_index, threads, self._initializers)
         self._inputs = {value.name for value in self.session.get_inputs()}
         self._cam_shape = next((value.shape[1:] for value in self.session.get_outputs()
                                 if value.name == CAM), None)
@@ -214,21 +214,23 @@ class OnnxBackend:
 
     def _run(self, images: Array, labels: Array, names: list[str]) -> list[Array]:
         """The graph's outputs ``names`` for a batch, in the type of ``images``."""
+        options = _forward_only() if names == [LOGITS] else None
         if self._cuda_index is not None:
-            return self._run_bound(images, labels, names)
-        on_numpy = isinstance(images, np.ndarray)
+            return self._run_bound(images, labels, names, options)
         feeds = {IMAGES: _host_array(images, np.float32)}
         if TARGETS in self._inputs:
             feeds[TARGETS] = _host_array(labels, np.int64)
-        outputs = self.session.run(names, feeds, _forward_only() if names == [LOGITS] else None)
-        if on_numpy:
+        outputs = self.session.run(names, feeds, options)
+        if isinstance(images, np.ndarray):
             return outputs
         import torch  # the images are torch tensors, so torch is loaded already
 
         return [torch.from_numpy(value) for value in outputs]
 
-    def _run_bound(self, images: Tensor, labels: Tensor, names: list[str]) -> list[Tensor]:
-        """Run on the GPU with inputs and outputs bound to torch's device memory."""
+    def _run_bound(self, images: Tensor, labels: Tensor, names: list[str],
+                   options: object) -> list[Tensor]:
+        """Run on the GPU with inputs and outputs bound to torch's device memory (``options``:
+        ONNX Runtime's run options, or None)."""
         import torch  # on a GPU the images are torch tensors, so torch is loaded already
 
         images = images.detach().to(torch.float32).contiguous()
@@ -250,7 +252,7 @@ class OnnxBackend:
             binding.bind_output(name, "cuda", index, numpy_types[tensor.dtype],
                                 list(tensor.shape), tensor.data_ptr())
         torch.cuda.current_stream(self.device).synchronize()  # torch's writes are done
-        self.session.run_with_iobinding(binding, _forward_only() if names == [LOGITS] else None)
+        self.session.run_with_iobinding(binding, options)
         binding.synchronize_outputs()  # onnxruntime's writes are done
         return outputs
 
@@ -285,14 +287,15 @@ def _ort_values(initializers: dict[str, np.ndarray] | None) -> dict[str, object]
             for name, array in initializers.items()}
 
 
-def _session(file: OnnxFile, device: str, threads: int | None = None,
+def _session(file: OnnxFile, cuda_index: int | None, threads: int | None = None,
              initializers: dict[str, object] | None = None):
-    """The file's inference session on ``device``, with ``initializers`` (ONNX Runtime
-    values) as its external initializers; InputError naming the file if it fails."""
+    """The file's inference session on CUDA device ``cuda_index`` (None: the CPU), with
+    ``initializers`` (ONNX Runtime values) as its external initializers; InputError naming
+    the file if it fails."""
     ort = _ort()
     providers: list = [_CPU]
-    if _cuda_index(device) is not None:
-        providers = [(_CUDA, {"device_id": _cuda_index(device),
+    if cuda_index is not None:
+        providers = [(_CUDA, {"device_id": cuda_index,
                               # one conv algorithm search per session would dominate
                               "cudnn_conv_algo_search": "HEURISTIC",
                               "use_tf32": "0"}), _CPU]  # float32, as the torch backend

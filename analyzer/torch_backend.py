@@ -341,8 +341,6 @@ def _describe_mismatch(missing: list[str], unexpected: list[str], wrong_shape: l
     return "; ".join(parts)
 
 
-
-
 class TorchKind(BackendKind):
     """PyTorch checkpoints (weights, or ``.pt2`` programs) on a :class:`TorchBackend`.
 
