@@ -45,6 +45,10 @@ def test_a_pass_faults_its_memory_in_once_not_for_every_batch() -> None:
     _, default = _batch_faults("default")
     assert applied == "True"
     # warm after the first few batches (the first-batch checks and oneDNN's own buffers
-    # settle within four on the machines seen): the blocks are reused from then on
-    assert sum(kept[4:]) < 1000
-    assert min(default[4:]) > 10_000  # glibc's default gives them back every batch
+    # settle within four on the machines seen): the blocks are reused from then on. A batch
+    # now and then still faults in a few MiB (2612 pages once in five runs here, 2003 in one
+    # CI run), and glibc's default, whose mmap threshold adapts, now and then keeps a batch's
+    # blocks too (0 and 4418 pages seen); so the last three batches are judged together.
+    assert sorted(kept[4:])[1] < 1000  # the median of the last three batches
+    assert sum(default[4:]) > 10_000  # glibc's default gives blocks back in the steady state
+    assert sum(kept[4:]) < sum(default[4:]) / 4
