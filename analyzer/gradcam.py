@@ -32,9 +32,20 @@ def channel_weights(gradients: Tensor) -> Tensor:
     return gradients.mean(dim=(2, 3))
 
 
+def channel_weights_after_pool(pooled_gradients: Tensor, height: int, width: int) -> Tensor:
+    """alpha_k from ∂y^c/∂P^k at the output P of a max pool that alone takes A
+    (:mod:`analyzer.pool_cut`): each pooled entry's gradient goes to one entry of A, so
+    Σ_ij ∂y^c/∂A^k_ij = Σ_pq ∂y^c/∂P^k_pq. ``[B, K, H', W']`` → ``[B, K]``, over A's H·W."""
+    return pooled_gradients.sum(dim=(2, 3)) / (height * width)
+
+
 def grad_cam_map(activations: Tensor, gradients: Tensor) -> Tensor:
     """L = ReLU(Σ_k alpha_k · A^k) at the layer's own resolution: ``[B, H, W]``."""
-    weights = channel_weights(gradients)
+    return weighted_map(activations, channel_weights(gradients))
+
+
+def weighted_map(activations: Tensor, weights: Tensor) -> Tensor:
+    """L = ReLU(Σ_k alpha_k · A^k) for channel weights ``[B, K]``: ``[B, H, W]``."""
     return torch.relu(torch.einsum("bk,bkhw->bhw", weights, activations))
 
 

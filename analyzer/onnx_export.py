@@ -32,7 +32,7 @@ from tqdm import tqdm
 from analyzer.graph_keys import structure_digest, trace_digest
 from analyzer.torch_backend import TorchBackend
 from store.checkpoint_files import TORCH_SUFFIXES, CheckpointFile, discover_checkpoints
-from store.errors import InputError
+from store.errors import InputError, first_line
 from store.graph_cache import GraphCache, default_cache_dir
 from store.model_files import load_weights_file, strip_common_prefix
 from store.onnx_files import (
@@ -112,7 +112,8 @@ class ReactionGraphExporter:
         self.settings = settings
         self.channels, self.image_size = channels, tuple(image_size)
         network = copy.deepcopy(model).cpu().float()
-        self.backend = TorchBackend(network, settings.spec, "cpu")
+        self.backend = TorchBackend(network, settings.spec, "cpu", cut_after_pool=True)
+        _decide_where_the_gradient_is_taken(self.backend, self.channels, self.image_size)
         self._metadata = _file_metadata(settings, self.channels, self.image_size, class_names,
                                         model_spec)
         cache = GraphCache(default_cache_dir() if graph_cache else None)
@@ -208,6 +209,22 @@ class ReactionGraphExporter:
         """Run ``session`` and the PyTorch backend on the same random images (InputError if
         they differ)."""
         _verify(session, self.backend, self.channels, self.image_size, self.contract.num_classes)
+
+
+def _decide_where_the_gradient_is_taken(backend: TorchBackend, channels: int,
+                                        image_size: tuple[int, int]) -> None:
+    """Compute a first batch of random images, so that the backend decides whether the
+    gradient is taken after the layer's max pool (:mod:`analyzer.pool_cut`) before the trace.
+    A model that cannot compute them fails here, as it would in the trace."""
+    generator = torch.Generator().manual_seed(2)
+    images = torch.rand(_EXAMPLE_BATCH, channels, *image_size, generator=generator)
+    try:
+        backend.compute(images, torch.zeros(_EXAMPLE_BATCH, dtype=torch.long))
+    except InputError:
+        raise
+    except Exception as error:  # a network that does not take these images
+        raise InputError(f"cannot export the model to ONNX: {type(error).__name__}: "
+                         f"{first_line(error)}") from None
 
 
 def _placeholder(name: str, tensor: Tensor):
@@ -320,17 +337,17 @@ def _trace_and_export(graph: _ReactionGraph, settings: ExportSettings, channels:
     return _Exported(model, names, key, cached)
 
 
-_GRAPH_CACHE_VERSION = 2  # raise when what the key covers or the stored graph changes
+_GRAPH_CACHE_VERSION = 3  # raise when what the key covers or the stored graph changes
 
 
 def _traced_sources() -> list:
     """The modules of this project whose code the graph computes around the network."""
     import sys
 
-    from analyzer import gradcam, torch_backend
+    from analyzer import gradcam, pool_cut, torch_backend
     from store import spec
 
-    return [torch_backend, gradcam, spec, sys.modules[__name__]]
+    return [torch_backend, gradcam, pool_cut, spec, sys.modules[__name__]]
 
 
 def _graph_key(kind: str, digest: bytes | None, graph: _ReactionGraph,
@@ -349,6 +366,7 @@ def _graph_key(kind: str, digest: bytes | None, graph: _ReactionGraph,
                  "batch": _EXAMPLE_BATCH, "torch": torch.__version__,
                  "onnx": metadata.version("onnx"), "onnxscript": metadata.version("onnxscript"),
                  "spec": settings.spec.attributes(), "with_maps": settings.with_maps,
+                 "gradient_pool": graph.backend.gradient_pool,
                  "channels": channels, "image_size": list(image_size),
                  "weights": [[name, list(tensor.shape), str(tensor.dtype)]
                              for name, tensor in _graph_weights(graph).items()]}

@@ -22,7 +22,14 @@ from torch import Tensor, nn
 
 from analyzer.backends import BackendKind, BackendSetup, BatchResult, LoadedCheckpoint
 from analyzer.bn_fold import FoldedNetwork
-from analyzer.gradcam import grad_cam_map, reaction_from_map, target_scores
+from analyzer.gradcam import (
+    channel_weights,
+    channel_weights_after_pool,
+    reaction_from_map,
+    target_scores,
+    weighted_map,
+)
+from analyzer.pool_cut import sole_max_pool, watching_max_pools
 from store.checkpoint_files import CheckpointFile, sha256_file
 from store.errors import InputError, first_line
 from store.model_files import LoadedWeights, load_weights_file
@@ -51,17 +58,36 @@ def check_feature_map(layer: str, output: object) -> None:
 
 
 class _ActivationCapture:
-    """Forward hook that cuts the graph at the layer and keeps its output as a leaf."""
+    """Forward hook that keeps the layer's output: as a leaf that cuts the graph there
+    (``leaf``), or as it is, when the gradient is taken after the pool that alone follows."""
 
-    def __init__(self, layer_name: str) -> None:
+    def __init__(self, layer_name: str, leaf: bool = True) -> None:
         self.layer_name = layer_name
+        self.leaf = leaf
         self.activation: Tensor | None = None
+        self.passed_on: Tensor | None = None
 
-    def __call__(self, module: nn.Module, inputs: tuple, output: Tensor) -> Tensor:
+    def __call__(self, module: nn.Module, inputs: tuple, output: Tensor) -> Tensor | None:
         check_feature_map(self.layer_name, output)
+        if not self.leaf:  # its only consumer, a max pool, does not write to it
+            self.activation = output.detach()
+            return None
         self.activation = output.detach().requires_grad_(True)
         # A copy goes downstream, so an in-place op after the layer cannot alter A.
-        return self.activation.clone()
+        self.passed_on = self.activation.clone()
+        return self.passed_on
+
+
+class _PooledCapture:
+    """Forward hook on the max pool after the layer: its output becomes the leaf the
+    gradient is taken at (:mod:`analyzer.pool_cut`)."""
+
+    def __init__(self) -> None:
+        self.pooled: Tensor | None = None
+
+    def __call__(self, module: nn.Module, inputs: tuple, output: Tensor) -> Tensor:
+        self.pooled = output.detach().requires_grad_(True)
+        return self.pooled.clone()  # an in-place op after the pool cannot alter the leaf
 
 
 @contextlib.contextmanager
@@ -107,12 +133,17 @@ class TorchBackend:
             and on a CPU each ReLU that provably follows only a conv is fused into it
             (:mod:`analyzer.conv_relu`); kept if the first batch gives the same results
             (:meth:`_choose_folding`). The model itself, and so :attr:`model`, stays as it is.
+        cut_after_pool: take the gradient after the max pool that alone follows the layer
+            (:mod:`analyzer.pool_cut`, the same channel weights without the pool's backward)
+            if there is one and the first batch gives the same results
+            (:meth:`_choose_pool_cut`).
     """
 
     name = "torch"
 
     def __init__(self, model: nn.Module, spec: ReactionSpec, device: str | torch.device = "cpu",
-                 channels_last: bool | None = False, fuse_layers: bool = False) -> None:
+                 channels_last: bool | None = False, fuse_layers: bool = False,
+                 cut_after_pool: bool = False) -> None:
         self.spec = spec
         self.device = torch.device(device)
         on_cpu = self.device.type == "cpu"
@@ -128,6 +159,8 @@ class TorchBackend:
         self._bytes_per_image: dict[tuple[int, ...], int] = {}
         self._fold_undecided = fuse_layers
         self._folded: FoldedNetwork | None = None
+        self._cut_undecided = cut_after_pool
+        self._pool: str | None = None
 
     @property
     def batch_norm_folded(self) -> bool:
@@ -138,6 +171,11 @@ class TorchBackend:
     def relu_fused(self) -> bool:
         """Whether batches are computed with ReLUs fused into the convs."""
         return self._folded is not None and self._folded.fused_relus > 0
+
+    @property
+    def gradient_pool(self) -> str | None:
+        """The max pool after which the gradient is taken (None: at the layer itself)."""
+        return self._pool
 
     def _network(self) -> tuple[nn.Module, nn.Module]:
         """The network batches are computed with, and its Grad-CAM layer."""
@@ -169,7 +207,7 @@ class TorchBackend:
         size = self._sub_batch_size(images)
         pairs = list(zip(images.split(size), labels.split(size), strict=True))
         parts = []
-        if (self._layout_undecided or self._fold_undecided) and pairs:
+        if (self._layout_undecided or self._fold_undecided or self._cut_undecided) and pairs:
             parts.append(self._first_batch(*pairs.pop(0), keep_maps))
         parts += [self.compute_batch(part_images, part_labels, keep_maps)
                   for part_images, part_labels in pairs]
@@ -181,14 +219,60 @@ class TorchBackend:
                            torch.cat([p.cam for p in parts]) if keep_maps else None)
 
     def _first_batch(self, images: Tensor, labels: Tensor, keep_maps: bool) -> BatchResult:
-        """The first sub-batch, deciding the memory layout, then folding and fusing."""
+        """The first sub-batch, deciding the memory layout, then folding and fusing, then
+        where the gradient is taken."""
         if self._layout_undecided:
             reference = self._choose_layout(images, labels, keep_maps)
         else:
             reference = self.compute_batch(images, labels, keep_maps)
+        result = reference
         if self._fold_undecided:
-            return self._choose_folding(images, labels, keep_maps, reference)
-        return reference
+            result = self._choose_folding(images, labels, keep_maps, reference)
+        if self._cut_undecided:
+            result = self._choose_pool_cut(images, labels, keep_maps, reference) or result
+        return result
+
+    def _choose_pool_cut(self, images: Tensor, labels: Tensor, keep_maps: bool,
+                         reference: BatchResult) -> BatchResult | None:
+        """Find the max pool that alone takes the layer's output (:mod:`analyzer.pool_cut`)
+        and compute the first batch with the gradient taken after it; keep that if it gives
+        the same results as ``reference`` (rel. 1e-4), and return it. None, and the gradient
+        taken at the layer, when there is no such pool (silently) or the results differ."""
+        self._cut_undecided = False
+        pool = self._sole_max_pool(images[:1], labels[:1])
+        if pool is None:
+            return None
+        self._pool = pool
+        try:
+            candidate = self.compute_batch(images, labels, keep_maps)
+            same, why = _same_results(candidate, reference), "its results differ"
+        except _MODEL_ERRORS as error:
+            same, why = False, first_line(error)
+        if same:
+            return candidate
+        self._pool = None
+        logger.warning(f"the gradient is taken at the layer, not after the max pool {pool!r} "
+                       f"that follows it ({why})")
+        return None
+
+    def _sole_max_pool(self, images: Tensor, labels: Tensor) -> str | None:
+        """The max pool that alone takes the layer's output in a forward of ``images``."""
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        network, module = self._network()
+        capture = _ActivationCapture(self.layer)
+        handle = module.register_forward_hook(capture)
+        try:
+            with watching_max_pools(network) as calls, _eval_mode(network), \
+                    _frozen_parameters(network), torch.enable_grad():
+                logits = network(images)
+                if capture.passed_on is None:
+                    return None
+                targets = labels if self.spec.target == "label" else logits.argmax(dim=1)
+                scores = target_scores(logits, targets, self.spec.score)
+                return sole_max_pool(calls, capture.passed_on, scores)
+        finally:
+            handle.remove()
 
     def _choose_folding(self, images: Tensor, labels: Tensor, keep_maps: bool,
                         reference: BatchResult) -> BatchResult:
@@ -269,8 +353,12 @@ class TorchBackend:
         if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         network, module = self._network()
-        capture = _ActivationCapture(self.layer)
-        handle = module.register_forward_hook(capture)
+        capture = _ActivationCapture(self.layer, leaf=self._pool is None)
+        handles = [module.register_forward_hook(capture)]
+        pooled = None
+        if self._pool is not None:
+            pooled = _PooledCapture()
+            handles.append(network.get_submodule(self._pool).register_forward_hook(pooled))
         try:
             with _eval_mode(network), _frozen_parameters(network), torch.enable_grad():
                 logits = network(images)
@@ -278,11 +366,19 @@ class TorchBackend:
                     raise InputError(f"layer {self.layer!r} was not used by the forward pass")
                 targets = labels if self.spec.target == "label" else logits.argmax(dim=1)
                 scores = target_scores(logits, targets, self.spec.score)
-                gradients = _gradient(scores, capture.activation)
+                activation = capture.activation.detach()
+                if pooled is None:
+                    weights = channel_weights(_gradient(scores, capture.activation))
+                elif pooled.pooled is None:
+                    raise InputError(f"the max pool {self._pool!r} after layer {self.layer!r} "
+                                     "was not used by the forward pass")
+                else:
+                    weights = channel_weights_after_pool(_gradient(scores, pooled.pooled),
+                                                         *activation.shape[-2:])
         finally:
-            handle.remove()
-        activation = capture.activation.detach()
-        cam = grad_cam_map(activation, gradients)
+            for handle in handles:
+                handle.remove()
+        cam = weighted_map(activation, weights)
         reaction, empty = reaction_from_map(cam)
         return BatchResult(logits.detach(), reaction, empty, cam if keep_maps else None)
 
@@ -356,7 +452,7 @@ class TorchKind(BackendKind):
         self._shared = None if model is None else TorchBackend(
             model, setup.spec, setup.device,
             channels_last=True if setup.inputs.model_spec is not None else None,  # zoo: yes
-            fuse_layers=True)
+            fuse_layers=True, cut_after_pool=True)
 
     @staticmethod
     def device(requested: str) -> str:

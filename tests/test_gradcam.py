@@ -11,7 +11,13 @@ import math
 import pytest
 import torch
 
-from analyzer.gradcam import channel_weights, grad_cam_map, reaction_from_map, target_scores
+from analyzer.gradcam import (
+    channel_weights,
+    channel_weights_after_pool,
+    grad_cam_map,
+    reaction_from_map,
+    target_scores,
+)
 
 # A two-channel 2×2 layer used throughout: A^0 and A^1 of one image.
 A0 = [[1.0, 2.0], [3.0, 4.0]]
@@ -84,6 +90,14 @@ def test_channel_weights_average_over_a_non_square_map() -> None:
     # one channel 1×3: (1 + 2 + 6) / 3 = 3.
     gradients = _tensor([[[[1.0, 2.0, 6.0]]]])
     assert channel_weights(gradients).tolist() == [[3.0]]
+
+
+def test_channel_weights_after_a_pool_divide_the_pooled_sum_by_the_layers_size() -> None:
+    # A 2×2 max pool of a 4×5 map: 2×2 pooled gradients [[1, 2], [3, -2]] and [[0, 0], [0, 4]]
+    # land on 4 of the 20 entries, the rest 0: alpha = 4 / 20 = 0.2 and 4 / 20 = 0.2.
+    pooled = _tensor([[[[1.0, 2.0], [3.0, -2.0]], [[0.0, 0.0], [0.0, 4.0]]]])
+    assert channel_weights_after_pool(pooled, 4, 5).tolist() == [
+        [pytest.approx(0.2), pytest.approx(0.2)]]
 
 
 # ---- grad_cam_map ----------------------------------------------------------------------------
