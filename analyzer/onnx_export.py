@@ -104,16 +104,22 @@ class ReactionGraphExporter:
         model_spec: the zoo spec JSON (``trainer models``), stored when the model is a zoo one.
         graph_cache: read and store the exported graph in the persistent cache
             (:mod:`store.graph_cache`; its folder from the environment), keyed on the trace.
+        cut_after_pool: take the gradient after the max pool that alone follows the layer,
+            where there is one (:mod:`analyzer.pool_cut`: the same results, no pool indices
+            or scatter in the graph); False: at the layer itself (bench/pool_cut.py times
+            both).
     """
 
     def __init__(self, model: nn.Module, settings: ExportSettings, *, channels: int,
                  image_size: tuple[int, int], class_names: list[str] | None = None,
-                 model_spec: str | None = None, graph_cache: bool = True) -> None:
+                 model_spec: str | None = None, graph_cache: bool = True,
+                 cut_after_pool: bool = True) -> None:
         self.settings = settings
         self.channels, self.image_size = channels, tuple(image_size)
         network = copy.deepcopy(model).cpu().float()
-        self.backend = TorchBackend(network, settings.spec, "cpu", cut_after_pool=True)
-        _decide_where_the_gradient_is_taken(self.backend, self.channels, self.image_size)
+        self.backend = TorchBackend(network, settings.spec, "cpu", cut_after_pool=cut_after_pool)
+        if cut_after_pool:
+            _decide_where_the_gradient_is_taken(self.backend, self.channels, self.image_size)
         self._metadata = _file_metadata(settings, self.channels, self.image_size, class_names,
                                         model_spec)
         cache = GraphCache(default_cache_dir() if graph_cache else None)

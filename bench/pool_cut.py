@@ -1,0 +1,134 @@
+"""The Grad-CAM gradient taken after the layer's max pool (analyzer/pool_cut.py) against at the
+layer itself: the torch backend as ``analyzer reaction`` runs it (CPU, channels-last, batch
+norm folded, ReLU fused) and ONNX Runtime on the exported graph (``analyzer export-onnx``'s,
+batches of 256 as ``analyzer reaction`` runs them), every thesis model (I-VI) at 50x200 and the
+demo's model at 8x8, random weights and batch-norm statistics, the same images for both;
+interleaved rounds (each starting with the other variant), medians; the cut's Reactions
+against the uncut ones.
+
+    OMP_NUM_THREADS=2 .venv-bench/bin/python bench/pool_cut.py --images 256 --rounds 3 --threads 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from bn_fold import cpu_name, max_rel_diff, random_model
+
+from analyzer.onnx_backend import cpu_session
+from analyzer.onnx_export import ExportSettings, ReactionGraphExporter
+from analyzer.torch_backend import TorchBackend
+from store.onnx_files import EMPTY, IMAGES, LOGITS, REACTION, TARGETS
+from store.spec import ReactionSpec
+from trainer.models import ModelSpec, build_model, gradcam_layer
+
+MODELS = ("model1", "model2", "model3", "model4", "model5", "model6", "small")
+VARIANTS = ("at the layer", "after the pool")
+ONNX_BATCH = 256  # analyzer reaction's default --batch-size
+
+
+def model_and_input(name: str) -> tuple[torch.nn.Module, tuple[int, int, int]]:
+    """The zoo model (random weights and batch-norm statistics) and its input shape."""
+    if name == "small":
+        torch.manual_seed(0)
+        return build_model(ModelSpec("small", 1, (8, 8), 10)), (1, 8, 8)
+    torch.manual_seed(0)
+    return random_model(name), (1, 50, 200)
+
+
+def torch_runner(model: torch.nn.Module, layer: str, cut: bool, images: torch.Tensor,
+                 labels: torch.Tensor) -> tuple[Callable[[], np.ndarray], str | None]:
+    """A call computing every image's Reaction with the torch backend, its first batch (the
+    decisions) already made, and the pool the gradient is taken after."""
+    backend = TorchBackend(model, ReactionSpec(layer), "cpu", channels_last=True,
+                           fuse_layers=True, cut_after_pool=cut)
+    backend.compute(images[:64], labels[:64])
+    return (lambda: backend.compute(images, labels).reaction.numpy()), backend.gradient_pool
+
+
+def onnx_runner(model: torch.nn.Module, layer: str, cut: bool, shape: tuple[int, int, int],
+                images: torch.Tensor, labels: torch.Tensor
+                ) -> tuple[Callable[[], np.ndarray], str | None]:
+    """A call computing every image's Reaction with ONNX Runtime on the exported graph."""
+    exporter = ReactionGraphExporter(model, ExportSettings(ReactionSpec(layer)),
+                                     channels=shape[0], image_size=shape[1:],
+                                     graph_cache=False, cut_after_pool=cut)
+    session = cpu_session(exporter.model_bytes())
+    batches = [({IMAGES: part.numpy(), TARGETS: part_labels.numpy()})
+               for part, part_labels in zip(images.split(ONNX_BATCH),
+                                            labels.split(ONNX_BATCH), strict=True)]
+
+    def run() -> np.ndarray:
+        return np.concatenate([session.run([LOGITS, REACTION, EMPTY], feed)[1]
+                               for feed in batches])
+
+    run()
+    return run, exporter.backend.gradient_pool
+
+
+def timed(run: Callable[[], np.ndarray]) -> tuple[float, float, np.ndarray]:
+    """Wall and CPU seconds of one call, and its Reactions."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    reaction = run()
+    return time.perf_counter() - wall, time.process_time() - cpu, reaction
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=list(MODELS))
+    parser.add_argument("--images", type=int, default=256, help="per thesis model")
+    parser.add_argument("--small-images", type=int, default=4096, help="for the demo's model")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    options = parser.parse_args()
+    torch.set_num_threads(options.threads)
+    print(f"{cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+          f"{options.threads} threads, load average {os.getloadavg()}")
+    print("| model | backend | images | images/s at the layer | after the pool | × wall | "
+          "images/CPU-s at the layer | after the pool | × CPU | pool | max rel diff Reaction |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---|---:|")
+    for name in options.models:
+        model, shape = model_and_input(name)
+        count = options.small_images if name == "small" else options.images
+        generator = torch.Generator().manual_seed(1)
+        images = torch.rand(count, *shape, generator=generator)
+        labels = torch.randint(0, 10, (count,), generator=generator)
+        layer = gradcam_layer(name)
+        for backend in ("torch", "onnx"):
+            runners, pools = {}, {}
+            for cut, variant in zip((False, True), VARIANTS, strict=True):
+                if backend == "torch":
+                    runners[variant], pools[variant] = torch_runner(model, layer, cut,
+                                                                    images, labels)
+                else:
+                    runners[variant], pools[variant] = onnx_runner(model, layer, cut, shape,
+                                                                   images, labels)
+            walls = {variant: [] for variant in VARIANTS}
+            cpus = {variant: [] for variant in VARIANTS}
+            reactions = {}
+            for round_index in range(options.rounds):
+                order = VARIANTS if round_index % 2 == 0 else VARIANTS[::-1]
+                for variant in order:
+                    wall, cpu, reactions[variant] = timed(runners[variant])
+                    walls[variant].append(wall)
+                    cpus[variant].append(cpu)
+            wall = {v: statistics.median(walls[v]) for v in VARIANTS}
+            cpu = {v: statistics.median(cpus[v]) for v in VARIANTS}
+            diff = max_rel_diff(torch.from_numpy(reactions[VARIANTS[1]]),
+                                torch.from_numpy(reactions[VARIANTS[0]]))
+            low, high = VARIANTS
+            print(f"| {name} | {backend} | {count} | {count / wall[low]:.0f} | "
+                  f"{count / wall[high]:.0f} | {wall[low] / wall[high]:.2f} | "
+                  f"{count / cpu[low]:.0f} | {count / cpu[high]:.0f} | "
+                  f"{cpu[low] / cpu[high]:.2f} | {pools[high]} | {diff:.1e} |", flush=True)
+    print(f"load average at end {os.getloadavg()}")
+
+
+if __name__ == "__main__":
+    main()
