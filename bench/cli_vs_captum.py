@@ -17,8 +17,9 @@ Each round runs, in turn (each round starting one further along):
   ``--backend torch``, with ``--backend onnx`` (PyTorch checkpoints converted in memory) with a
   warm graph cache (``onnx``: the exported graph read from ``WORK/graph-cache``, filled by an
   untimed run first) and a cold one (``onnx cold``: an empty cache folder of its own each
-  run, so it exports), and on a folder exported beforehand by ``analyzer export-onnx``
-  (``onnx files``; the export's own time is printed once).
+  run, so it exports), and on a folder exported by ``analyzer export-onnx`` at the start
+  (``onnx files``; the export's own time is printed once; the baseline's files are exported
+  by the baseline's code).
 
 The ratio is captum's seconds / the CLI's: above 1, the whole CLI is faster than captum's
 compute alone. Every CLI run's stored Reactions are compared with captum's.
@@ -77,14 +78,22 @@ def main() -> None:
     if options.baseline is not None:
         methods += [f"{m} (baseline)" for m in ("torch", "onnx", "onnx files")
                     if m in methods]
-    baseline_env = environment(work, options.baseline.resolve(), options.threads) \
-        if options.baseline is not None else None
+    baseline_env = None
+    if options.baseline is not None:  # the same graph cache folder: each code has its keys
+        baseline_env = {**environment(work, options.baseline.resolve(), options.threads),
+                        "REACTION_CACHE_DIR": env["REACTION_CACHE_DIR"]}
     print(f"workload {work}: foreign Model II {IMAGE_SIZE[0]}x{IMAGE_SIZE[1]}, {CHECKPOINTS} "
           f"checkpoints x 384 images, {options.threads} threads, captum batch {options.batch}; "
           f"load average at start {_load()}", flush=True)
-    exported = _export(work, env) if "onnx files" in methods else None
+    exported = {}
+    if "onnx files" in methods:
+        exported["onnx files"] = _export(work, env, "onnx")
+    if "onnx files (baseline)" in methods:
+        exported["onnx files (baseline)"] = _export(work, baseline_env, "onnx-baseline")
     if "onnx" in methods:
         _warm_graph_cache(work, env)
+    if "onnx (baseline)" in methods:
+        _warm_graph_cache(work, baseline_env)
     images, labels = _decoded_images(work)
     captum_values: list[np.ndarray] = []
     seconds: dict[str, list[float]] = {method: [] for method in methods}
@@ -98,7 +107,7 @@ def main() -> None:
             else:
                 wall, cpu_seconds, stored[method] = _cli(
                     work, baseline_env if method.endswith("(baseline)") else env,
-                    method.removesuffix(" (baseline)"), exported)
+                    method.removesuffix(" (baseline)"), exported.get(method))
             seconds[method].append(wall)
             cpu[method].append(cpu_seconds)
             print(f"  round {round_number + 1} {method:<12} {wall:7.2f} s wall  "
@@ -144,17 +153,19 @@ def _captum(work: Path, images: torch.Tensor, labels: torch.Tensor, batch: int
     return time.perf_counter() - began, time.process_time() - cpu_began, values
 
 
-def _export(work: Path, env: dict[str, str]) -> Path:
-    out = work / "onnx"
-    if not out.is_dir():
-        arguments = ["export-onnx", "--ckpt-dir", str(work / "ckpts"), "--model", "mypkg:model2",
-                     "--layer", LAYER, "--image-size", f"{IMAGE_SIZE[0]}x{IMAGE_SIZE[1]}",
-                     "--out", str(out), "-q"]
-        began = time.perf_counter()
-        subprocess.run(analyzer_argv(arguments), env=env, cwd=work, check=True,
-                       stdout=subprocess.DEVNULL)
-        print(f"analyzer export-onnx of the 6 checkpoints (once): "
-              f"{time.perf_counter() - began:.1f} s", flush=True)
+def _export(work: Path, env: dict[str, str], folder: str) -> Path:
+    """``analyzer export-onnx`` of the checkpoints into a fresh ``WORK/folder``, with the code
+    ``env`` puts first on the path (files left by other code are never reused)."""
+    out = work / folder
+    shutil.rmtree(out, ignore_errors=True)
+    arguments = ["export-onnx", "--ckpt-dir", str(work / "ckpts"), "--model", "mypkg:model2",
+                 "--layer", LAYER, "--image-size", f"{IMAGE_SIZE[0]}x{IMAGE_SIZE[1]}",
+                 "--out", str(out), "-q"]
+    began = time.perf_counter()
+    subprocess.run(analyzer_argv(arguments), env=env, cwd=work, check=True,
+                   stdout=subprocess.DEVNULL)
+    print(f"analyzer export-onnx of the 6 checkpoints into {folder} (once): "
+          f"{time.perf_counter() - began:.1f} s", flush=True)
     return out
 
 
