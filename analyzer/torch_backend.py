@@ -243,17 +243,27 @@ class TorchBackend:
         if pool is None:
             return None
         self._pool = pool
-        try:
-            candidate = self.compute_batch(images, labels, keep_maps)
-            same, why = _same_results(candidate, reference), "its results differ"
-        except _MODEL_ERRORS as error:
-            same, why = False, first_line(error)
-        if same:
+        candidate, why = self._candidate(images, labels, keep_maps, reference, _MODEL_ERRORS)
+        if candidate is not None:
             return candidate
         self._pool = None
         logger.warning(f"the gradient is taken at the layer, not after the max pool {pool!r} "
                        f"that follows it ({why})")
         return None
+
+    def _candidate(self, images: Tensor, labels: Tensor, keep_maps: bool,
+                   reference: BatchResult, errors: tuple[type[Exception], ...]
+                   ) -> tuple[BatchResult | None, str]:
+        """The first batch computed as the backend is now set up, if it gives ``reference``'s
+        results (:func:`_same_results`); else None and why not (one of ``errors`` raised by
+        the computation, or the results differ)."""
+        try:
+            candidate = self.compute_batch(images, labels, keep_maps)
+        except errors as error:
+            return None, first_line(error)
+        if _same_results(candidate, reference):
+            return candidate, ""
+        return None, "its results differ"
 
     def _sole_max_pool(self, images: Tensor, labels: Tensor) -> str | None:
         """The max pool that alone takes the layer's output in a forward of ``images``."""
@@ -291,12 +301,9 @@ class TorchBackend:
         folded.set_memory_format(torch.channels_last if self.channels_last
                                  else torch.contiguous_format)
         self._folded = folded
-        try:
-            candidate = self.compute_batch(images, labels, keep_maps)
-            same, why = _same_results(candidate, reference), "its results differ"
-        except _MODEL_ERRORS as error:  # a forward that reads a replaced module's attributes
-            same, why = False, first_line(error)
-        if same:
+        # _MODEL_ERRORS: a forward may read a replaced module's attributes
+        candidate, why = self._candidate(images, labels, keep_maps, reference, _MODEL_ERRORS)
+        if candidate is not None:
             return candidate
         self._folded = None
         logger.warning(f"batch norm and ReLU are not fused into the convolutions ({why}): "
@@ -311,12 +318,8 @@ class TorchBackend:
         reference = self.compute_batch(images, labels, keep_maps)
         self.model.to(memory_format=torch.channels_last)
         self.channels_last = True
-        try:
-            candidate = self.compute_batch(images, labels, keep_maps)
-            same, why = _same_results(candidate, reference), "its results differ"
-        except RuntimeError as error:
-            same, why = False, first_line(error)
-        if same:
+        candidate, why = self._candidate(images, labels, keep_maps, reference, (RuntimeError,))
+        if candidate is not None:
             return candidate
         self.model.to(memory_format=torch.contiguous_format)
         self.channels_last = False
@@ -396,7 +399,8 @@ def _same_results(candidate: BatchResult, reference: BatchResult) -> bool:
 
 def _close(candidate: Tensor, reference: Tensor) -> bool:
     """Equal up to float32 rounding of another convolution algorithm."""
-    scale = float(reference.abs().max()) if reference.numel() else 0.0
+    finite = torch.nan_to_num(reference.abs(), nan=0.0, posinf=0.0)  # NaN: unequal, no error
+    scale = float(finite.max()) if reference.numel() else 0.0
     return bool(torch.allclose(candidate, reference, rtol=1e-4, atol=1e-6 * max(scale, 1.0)))
 
 
