@@ -32,7 +32,7 @@ from tqdm import tqdm
 from analyzer.graph_keys import structure_digest, trace_digest
 from analyzer.torch_backend import TorchBackend
 from store.checkpoint_files import TORCH_SUFFIXES, CheckpointFile, discover_checkpoints
-from store.errors import InputError, first_line
+from store.errors import InputError
 from store.graph_cache import GraphCache, default_cache_dir
 from store.model_files import load_weights_file, strip_common_prefix
 from store.onnx_files import (
@@ -229,8 +229,14 @@ def _decide_where_the_gradient_is_taken(backend: TorchBackend, channels: int,
     except InputError:
         raise
     except Exception as error:  # a network that does not take these images
-        raise InputError(f"cannot export the model to ONNX: {type(error).__name__}: "
-                         f"{first_line(error)}") from None
+        raise _cannot_export(error) from None
+
+
+def _cannot_export(error: Exception) -> InputError:
+    """The one-line error for a model that torch cannot compute, trace or export."""
+    lines = str(error).strip().splitlines()
+    return InputError(f"cannot export the model to ONNX: {type(error).__name__}: "
+                      f"{lines[0] if lines else ''}")
 
 
 def _placeholder(name: str, tensor: Tensor):
@@ -334,9 +340,7 @@ def _trace_and_export(graph: _ReactionGraph, settings: ExportSettings, channels:
     except InputError:
         raise
     except Exception as error:  # torch's tracers and exporter raise many types
-        lines = str(error).strip().splitlines()
-        raise InputError(f"cannot export the model to ONNX: {type(error).__name__}: "
-                         f"{lines[0] if lines else ''}") from None
+        raise _cannot_export(error) from None
     model, names = _weights_as_initializers(model, list(_graph_weights(graph)))
     if key is not None and not cached:
         cache.put(key, model.SerializeToString())

@@ -112,6 +112,13 @@ def _eval_mode(model: nn.Module) -> Iterator[None]:
         model.train(was_training)
 
 
+@contextlib.contextmanager
+def _computing(network: nn.Module) -> Iterator[None]:
+    """How a batch is computed: eval mode, parameters frozen, autograd on."""
+    with _eval_mode(network), _frozen_parameters(network), torch.enable_grad():
+        yield
+
+
 # On a CPU, glibc maps every allocation above 32 MiB afresh and page-faults it on each call;
 # keeping activations under that is 1.35x faster for Model IV at 50x200 (docs/BENCHMARKS.md).
 _CPU_ACTIVATION_BUDGET = 32 * 2**20
@@ -267,22 +274,26 @@ class TorchBackend:
 
     def _sole_max_pool(self, images: Tensor, labels: Tensor) -> str | None:
         """The max pool that alone takes the layer's output in a forward of ``images``."""
-        if self.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
         network, module = self._network()
         capture = _ActivationCapture(self.layer)
         handle = module.register_forward_hook(capture)
         try:
-            with watching_max_pools(network) as calls, _eval_mode(network), \
-                    _frozen_parameters(network), torch.enable_grad():
-                logits = network(images)
+            with watching_max_pools(network) as calls, _computing(network):
+                _, scores = self._scores(network, images, labels)
                 if capture.passed_on is None:
                     return None
-                targets = labels if self.spec.target == "label" else logits.argmax(dim=1)
-                scores = target_scores(logits, targets, self.spec.score)
                 return sole_max_pool(calls, capture.passed_on, scores)
         finally:
             handle.remove()
+
+    def _scores(self, network: nn.Module, images: Tensor, labels: Tensor
+                ) -> tuple[Tensor, Tensor]:
+        """Logits and target scores of a forward pass (under the caller's modes and hooks)."""
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        logits = network(images)
+        targets = labels if self.spec.target == "label" else logits.argmax(dim=1)
+        return logits, target_scores(logits, targets, self.spec.score)
 
     def _choose_folding(self, images: Tensor, labels: Tensor, keep_maps: bool,
                         reference: BatchResult) -> BatchResult:
@@ -353,8 +364,6 @@ class TorchBackend:
         This is the computation the ONNX export traces (:mod:`analyzer.onnx_export`), on a
         backend that does not fold batch norm: the graph is the model's own.
         """
-        if self.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
         network, module = self._network()
         capture = _ActivationCapture(self.layer, leaf=self._pool is None)
         handles = [module.register_forward_hook(capture)]
@@ -363,12 +372,10 @@ class TorchBackend:
             pooled = _PooledCapture()
             handles.append(network.get_submodule(self._pool).register_forward_hook(pooled))
         try:
-            with _eval_mode(network), _frozen_parameters(network), torch.enable_grad():
-                logits = network(images)
+            with _computing(network):
+                logits, scores = self._scores(network, images, labels)
                 if capture.activation is None:
                     raise InputError(f"layer {self.layer!r} was not used by the forward pass")
-                targets = labels if self.spec.target == "label" else logits.argmax(dim=1)
-                scores = target_scores(logits, targets, self.spec.score)
                 activation = capture.activation.detach()
                 if pooled is None:
                     weights = channel_weights(_gradient(scores, capture.activation))

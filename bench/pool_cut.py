@@ -35,10 +35,9 @@ ONNX_BATCH = 256  # analyzer reaction's default --batch-size
 
 def model_and_input(name: str) -> tuple[torch.nn.Module, tuple[int, int, int]]:
     """The zoo model (random weights and batch-norm statistics) and its input shape."""
-    if name == "small":
-        torch.manual_seed(0)
-        return build_model(ModelSpec("small", 1, (8, 8), 10)), (1, 8, 8)
     torch.manual_seed(0)
+    if name == "small":
+        return build_model(ModelSpec("small", 1, (8, 8), 10)), (1, 8, 8)
     return random_model(name), (1, 50, 200)
 
 
@@ -60,7 +59,7 @@ def onnx_runner(model: torch.nn.Module, layer: str, cut: bool, shape: tuple[int,
                                      channels=shape[0], image_size=shape[1:],
                                      graph_cache=False, cut_after_pool=cut)
     session = cpu_session(exporter.model_bytes())
-    batches = [({IMAGES: part.numpy(), TARGETS: part_labels.numpy()})
+    batches = [{IMAGES: part.numpy(), TARGETS: part_labels.numpy()}
                for part, part_labels in zip(images.split(ONNX_BATCH),
                                             labels.split(ONNX_BATCH), strict=True)]
 
