@@ -24,6 +24,7 @@ import logging
 import os
 import re
 import shutil
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -94,8 +95,21 @@ def writer_lock(
             fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
 
 
-def open_for_reading(path: Path) -> h5py.File:
-    """Open an HDF5 file read-only, turning any failure into one clear line."""
+# HDF5 will not open a file for writing while this process has it open for reading: a
+# follower polls the run file in its loading thread while the main thread writes results into
+# it, so within a process the opens take turns.
+_OPENS_IN_THIS_PROCESS = threading.RLock()
+
+
+@contextlib.contextmanager
+def open_for_reading(path: Path) -> Iterator[h5py.File]:
+    """An HDF5 file open read-only for the ``with`` block (any failure one clear line);
+    this process's other threads open files for writing once it is closed."""
+    with _OPENS_IN_THIS_PROCESS, _opened_read_only(path) as handle:
+        yield handle
+
+
+def _opened_read_only(path: Path) -> h5py.File:
     path = Path(path)
     if not path.is_file():
         raise InputError(f"file not found: {path}")
@@ -119,7 +133,7 @@ def update_in_place(path: Path) -> Iterator[h5py.File]:
     that changes the structure must go through :func:`replace_atomically`.
     """
     path = Path(path)
-    with writer_lock(path):
+    with writer_lock(path), _OPENS_IN_THIS_PROCESS:
         try:
             handle = h5py.File(path, "r+", locking=False)
         except OSError as error:

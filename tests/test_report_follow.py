@@ -26,7 +26,13 @@ from analyzer.live import RunState, follow_report, read_state
 from analyzer.report import ReportOptions, write_report
 from cli import analyzer
 from store.results import SETTINGS, EpochResult, SplitImages, prepare_split, write_epoch_result
-from store.runfile import EpochRecord, create_run_file, update_provenance, write_epoch
+from store.runfile import (
+    EpochRecord,
+    create_run_file,
+    read_run_progress,
+    update_provenance,
+    write_epoch,
+)
 from tests.conftest import ROOT, script
 
 CLASSES = ["a", "b", "c"]
@@ -330,3 +336,26 @@ def test_the_page_follows_a_real_training_and_reaction_pass_to_the_end(tmp_path)
     assert REFRESH.findall(page.read_text(encoding="utf-8")) == []
     assert banner(page).startswith("final: trained to epoch 8 of 8, Reaction to epoch 8 "
                                    "(test, train, val), rendered ")
+
+
+def test_a_poll_of_the_run_in_another_thread_never_fails_a_write(tmp_path: Path) -> None:
+    # `analyzer reaction --follow` polls the run file in its loading thread while the main
+    # thread writes results into it: HDF5 refuses a file for writing that the same process
+    # has open for reading, so the two must take turns.
+    path = new_run(tmp_path, epochs=3)
+    grow(path, range(1, 2))
+    stop, polls = threading.Event(), []
+
+    def poll() -> None:
+        while not stop.is_set():
+            polls.append(read_run_progress(path))
+
+    poller = threading.Thread(target=poll)
+    poller.start()
+    try:
+        for _ in range(100):
+            analyse(path, 1)
+    finally:
+        stop.set()
+        poller.join()
+    assert len(polls) > 10 and {progress.completed_epochs for progress in polls} == {1}
