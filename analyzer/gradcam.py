@@ -39,6 +39,15 @@ def channel_weights_after_pool(pooled_gradients: Tensor, height: int, width: int
     return pooled_gradients.sum(dim=(2, 3)) / (height * width)
 
 
+def channel_weights_from_dense(dense_gradients: Tensor, weight: Tensor, channels: int,
+                               height: int, width: int) -> Tensor:
+    """alpha_k from ∂y^c/∂z at the output z of the dense layer (weight ``[out, K·S]``) that
+    alone takes the map T, flattened (:mod:`analyzer.dense_cut`): Σ_s ∂y^c/∂T^k_s =
+    Σ_o ∂y^c/∂z_o · Σ_s W[o, k·S + s]. ``[B, out]`` → ``[B, K]``, over A's H·W."""
+    channel_sums = weight.reshape(weight.shape[0], channels, -1).sum(dim=2)
+    return dense_gradients @ channel_sums / (height * width)
+
+
 def grad_cam_map(activations: Tensor, gradients: Tensor) -> Tensor:
     """L = ReLU(Σ_k alpha_k · A^k) at the layer's own resolution: ``[B, H, W]``."""
     return weighted_map(activations, channel_weights(gradients))

@@ -108,17 +108,21 @@ class ReactionGraphExporter:
             where there is one (:mod:`analyzer.pool_cut`: the same results, no pool indices
             or scatter in the graph); False: at the layer itself (bench/pool_cut.py times
             both).
+        cut_at_dense: take the gradient at the output of the dense layer that alone takes
+            the map, flattened, where there is one (:mod:`analyzer.dense_cut`: the same
+            results, no product of the gradient with the dense layer's whole weight).
     """
 
     def __init__(self, model: nn.Module, settings: ExportSettings, *, channels: int,
                  image_size: tuple[int, int], class_names: list[str] | None = None,
                  model_spec: str | None = None, graph_cache: bool = True,
-                 cut_after_pool: bool = True) -> None:
+                 cut_after_pool: bool = True, cut_at_dense: bool = True) -> None:
         self.settings = settings
         self.channels, self.image_size = channels, tuple(image_size)
         network = copy.deepcopy(model).cpu().float()
-        self.backend = TorchBackend(network, settings.spec, "cpu", cut_after_pool=cut_after_pool)
-        if cut_after_pool:
+        self.backend = TorchBackend(network, settings.spec, "cpu", cut_after_pool=cut_after_pool,
+                                    cut_at_dense=cut_at_dense)
+        if cut_after_pool or cut_at_dense:
             _decide_where_the_gradient_is_taken(self.backend, self.channels, self.image_size)
         self._metadata = _file_metadata(settings, self.channels, self.image_size, class_names,
                                         model_spec)
@@ -219,8 +223,8 @@ class ReactionGraphExporter:
 
 def _decide_where_the_gradient_is_taken(backend: TorchBackend, channels: int,
                                         image_size: tuple[int, int]) -> None:
-    """Compute a first batch of random images, so that the backend decides whether the
-    gradient is taken after the layer's max pool (:mod:`analyzer.pool_cut`) before the trace.
+    """Compute a first batch of random images, so that the backend decides where the
+    gradient is taken (:mod:`analyzer.pool_cut`, :mod:`analyzer.dense_cut`) before the trace.
     A model that cannot compute them fails here, as it would in the trace."""
     generator = torch.Generator().manual_seed(2)
     images = torch.rand(_EXAMPLE_BATCH, channels, *image_size, generator=generator)
@@ -347,17 +351,18 @@ def _trace_and_export(graph: _ReactionGraph, settings: ExportSettings, channels:
     return _Exported(model, names, key, cached)
 
 
-_GRAPH_CACHE_VERSION = 3  # raise when what the key covers or the stored graph changes
+_GRAPH_CACHE_VERSION = 4  # raise when what the key covers or the stored graph changes
 
 
 def _traced_sources() -> list:
     """The modules of this project whose code the graph computes around the network."""
     import sys
 
-    from analyzer import gradcam, pool_cut, torch_backend
+    from analyzer import autograd_graph, dense_cut, gradcam, pool_cut, torch_backend
     from store import spec
 
-    return [torch_backend, gradcam, pool_cut, spec, sys.modules[__name__]]
+    return [torch_backend, gradcam, autograd_graph, pool_cut, dense_cut, spec,
+            sys.modules[__name__]]
 
 
 def _graph_key(kind: str, digest: bytes | None, graph: _ReactionGraph,
@@ -377,6 +382,7 @@ def _graph_key(kind: str, digest: bytes | None, graph: _ReactionGraph,
                  "onnx": metadata.version("onnx"), "onnxscript": metadata.version("onnxscript"),
                  "spec": settings.spec.attributes(), "with_maps": settings.with_maps,
                  "gradient_pool": graph.backend.gradient_pool,
+                 "gradient_dense": graph.backend.gradient_dense,
                  "channels": channels, "image_size": list(image_size),
                  "weights": [[name, list(tensor.shape), str(tensor.dtype)]
                              for name, tensor in _graph_weights(graph).items()]}

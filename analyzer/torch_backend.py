@@ -14,22 +14,25 @@ import contextlib
 import copy
 import difflib
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor, nn
 
+from analyzer.autograd_graph import ModuleCall, watching_calls
 from analyzer.backends import BackendKind, BackendSetup, BatchResult, LoadedCheckpoint
 from analyzer.bn_fold import FoldedNetwork
+from analyzer.dense_cut import sole_dense_layer
 from analyzer.gradcam import (
     channel_weights,
     channel_weights_after_pool,
+    channel_weights_from_dense,
     reaction_from_map,
     target_scores,
     weighted_map,
 )
-from analyzer.pool_cut import sole_max_pool, watching_max_pools
+from analyzer.pool_cut import sole_max_pool
 from store.checkpoint_files import CheckpointFile, sha256_file
 from store.errors import InputError, first_line
 from store.model_files import LoadedWeights, load_weights_file
@@ -59,7 +62,7 @@ def check_feature_map(layer: str, output: object) -> None:
 
 class _ActivationCapture:
     """Forward hook that keeps the layer's output: as a leaf that cuts the graph there
-    (``leaf``), or as it is, when the gradient is taken after the pool that alone follows."""
+    (``leaf``), or as it is, when the gradient is taken further on (:class:`_LeafCapture`)."""
 
     def __init__(self, layer_name: str, leaf: bool = True) -> None:
         self.layer_name = layer_name
@@ -69,7 +72,7 @@ class _ActivationCapture:
 
     def __call__(self, module: nn.Module, inputs: tuple, output: Tensor) -> Tensor | None:
         check_feature_map(self.layer_name, output)
-        if not self.leaf:  # its only consumer, a max pool, does not write to it
+        if not self.leaf:  # its only consumer (a max pool, a reshape) does not write to it
             self.activation = output.detach()
             return None
         self.activation = output.detach().requires_grad_(True)
@@ -78,16 +81,19 @@ class _ActivationCapture:
         return self.passed_on
 
 
-class _PooledCapture:
-    """Forward hook on the max pool after the layer: its output becomes the leaf the
-    gradient is taken at (:mod:`analyzer.pool_cut`)."""
+class _LeafCapture:
+    """Forward hook on the module after the layer whose output becomes the leaf the gradient
+    is taken at: the max pool that alone follows it (:mod:`analyzer.pool_cut`) or the dense
+    layer that alone takes its map (:mod:`analyzer.dense_cut`)."""
 
     def __init__(self) -> None:
-        self.pooled: Tensor | None = None
+        self.leaf: Tensor | None = None
+        self.passed_on: Tensor | None = None
 
     def __call__(self, module: nn.Module, inputs: tuple, output: Tensor) -> Tensor:
-        self.pooled = output.detach().requires_grad_(True)
-        return self.pooled.clone()  # an in-place op after the pool cannot alter the leaf
+        self.leaf = output.detach().requires_grad_(True)
+        self.passed_on = self.leaf.clone()  # an in-place op further on cannot alter the leaf
+        return self.passed_on
 
 
 @contextlib.contextmanager
@@ -144,13 +150,17 @@ class TorchBackend:
             (:mod:`analyzer.pool_cut`, the same channel weights without the pool's backward)
             if there is one and the first batch gives the same results
             (:meth:`_choose_pool_cut`).
+        cut_at_dense: take the gradient at the output of the dense layer that alone takes
+            the map (the layer's, or that pool's), flattened (:mod:`analyzer.dense_cut`: the
+            same channel weights without the backward's largest matrix product) if there is
+            one and the first batch gives the same results (:meth:`_choose_dense_cut`).
     """
 
     name = "torch"
 
     def __init__(self, model: nn.Module, spec: ReactionSpec, device: str | torch.device = "cpu",
                  channels_last: bool | None = False, fuse_layers: bool = False,
-                 cut_after_pool: bool = False) -> None:
+                 cut_after_pool: bool = False, cut_at_dense: bool = False) -> None:
         self.spec = spec
         self.device = torch.device(device)
         on_cpu = self.device.type == "cpu"
@@ -166,8 +176,10 @@ class TorchBackend:
         self._bytes_per_image: dict[tuple[int, ...], int] = {}
         self._fold_undecided = fuse_layers
         self._folded: FoldedNetwork | None = None
-        self._cut_undecided = cut_after_pool
+        self._pool_undecided = cut_after_pool
         self._pool: str | None = None
+        self._dense_undecided = cut_at_dense
+        self._dense: str | None = None
 
     @property
     def batch_norm_folded(self) -> bool:
@@ -183,6 +195,11 @@ class TorchBackend:
     def gradient_pool(self) -> str | None:
         """The max pool after which the gradient is taken (None: at the layer itself)."""
         return self._pool
+
+    @property
+    def gradient_dense(self) -> str | None:
+        """The dense layer at whose output the gradient is taken (None: not at one)."""
+        return self._dense
 
     def _network(self) -> tuple[nn.Module, nn.Module]:
         """The network batches are computed with, and its Grad-CAM layer."""
@@ -214,7 +231,8 @@ class TorchBackend:
         size = self._sub_batch_size(images)
         pairs = list(zip(images.split(size), labels.split(size), strict=True))
         parts = []
-        if (self._layout_undecided or self._fold_undecided or self._cut_undecided) and pairs:
+        if pairs and (self._layout_undecided or self._fold_undecided or
+                      self._pool_undecided or self._dense_undecided):
             parts.append(self._first_batch(*pairs.pop(0), keep_maps))
         parts += [self.compute_batch(part_images, part_labels, keep_maps)
                   for part_images, part_labels in pairs]
@@ -227,7 +245,7 @@ class TorchBackend:
 
     def _first_batch(self, images: Tensor, labels: Tensor, keep_maps: bool) -> BatchResult:
         """The first sub-batch, deciding the memory layout, then folding and fusing, then
-        where the gradient is taken."""
+        where the gradient is taken (after the pool, then at the dense layer)."""
         if self._layout_undecided:
             reference = self._choose_layout(images, labels, keep_maps)
         else:
@@ -235,8 +253,10 @@ class TorchBackend:
         result = reference
         if self._fold_undecided:
             result = self._choose_folding(images, labels, keep_maps, reference)
-        if self._cut_undecided:
+        if self._pool_undecided:
             result = self._choose_pool_cut(images, labels, keep_maps, reference) or result
+        if self._dense_undecided:
+            result = self._choose_dense_cut(images, labels, keep_maps, reference) or result
         return result
 
     def _choose_pool_cut(self, images: Tensor, labels: Tensor, keep_maps: bool,
@@ -245,8 +265,8 @@ class TorchBackend:
         and compute the first batch with the gradient taken after it; keep that if it gives
         the same results as ``reference`` (rel. 1e-4), and return it. None, and the gradient
         taken at the layer, when there is no such pool (silently) or the results differ."""
-        self._cut_undecided = False
-        pool = self._sole_max_pool(images[:1], labels[:1])
+        self._pool_undecided = False
+        pool = self._probe(images[:1], labels[:1], nn.MaxPool2d, sole_max_pool)
         if pool is None:
             return None
         self._pool = pool
@@ -256,6 +276,26 @@ class TorchBackend:
         self._pool = None
         logger.warning(f"the gradient is taken at the layer, not after the max pool {pool!r} "
                        f"that follows it ({why})")
+        return None
+
+    def _choose_dense_cut(self, images: Tensor, labels: Tensor, keep_maps: bool,
+                          reference: BatchResult) -> BatchResult | None:
+        """Find the dense layer that alone takes the map, flattened (:mod:`analyzer
+        .dense_cut`), and compute the first batch with the gradient taken at its output;
+        keep that if it gives the same results as ``reference`` (rel. 1e-4), and return it.
+        None, and the gradient taken where it was, when there is no such layer (silently)
+        or the results differ."""
+        self._dense_undecided = False
+        dense = self._probe(images[:1], labels[:1], nn.Linear, sole_dense_layer)
+        if dense is None:
+            return None
+        self._dense = dense
+        candidate, why = self._candidate(images, labels, keep_maps, reference, _MODEL_ERRORS)
+        if candidate is not None:
+            return candidate
+        self._dense = None
+        logger.warning(f"the gradient is not taken at the output of the dense layer {dense!r} "
+                       f"that takes the map ({why})")
         return None
 
     def _candidate(self, images: Tensor, labels: Tensor, keep_maps: bool,
@@ -272,19 +312,28 @@ class TorchBackend:
             return candidate, ""
         return None, "its results differ"
 
-    def _sole_max_pool(self, images: Tensor, labels: Tensor) -> str | None:
-        """The max pool that alone takes the layer's output in a forward of ``images``."""
+    def _probe(self, images: Tensor, labels: Tensor, kind: type[nn.Module],
+               find: Callable[[list[ModuleCall], Tensor, Tensor], str | None]) -> str | None:
+        """In a forward of ``images``, the module of type ``kind`` that ``find`` reads off the
+        autograd graph as the one that alone takes T: the layer's output, or the output of
+        the max pool the gradient is taken after."""
         network, module = self._network()
         capture = _ActivationCapture(self.layer)
-        handle = module.register_forward_hook(capture)
+        handles = [module.register_forward_hook(capture)]
+        pooled = None
+        if self._pool is not None:
+            pooled = _LeafCapture()
+            handles.append(network.get_submodule(self._pool).register_forward_hook(pooled))
         try:
-            with watching_max_pools(network) as calls, _computing(network):
+            with watching_calls(network, kind) as calls, _computing(network):
                 _, scores = self._scores(network, images, labels)
-                if capture.passed_on is None:
+                passed_on = (pooled or capture).passed_on
+                if passed_on is None:
                     return None
-                return sole_max_pool(calls, capture.passed_on, scores)
+                return find(calls, passed_on, scores)
         finally:
-            handle.remove()
+            for handle in handles:
+                handle.remove()
 
     def _scores(self, network: nn.Module, images: Tensor, labels: Tensor
                 ) -> tuple[Tensor, Tensor]:
@@ -365,32 +414,42 @@ class TorchBackend:
         backend that does not fold batch norm: the graph is the model's own.
         """
         network, module = self._network()
-        capture = _ActivationCapture(self.layer, leaf=self._pool is None)
+        cut = self._dense or self._pool  # the module whose output the gradient is taken at
+        capture = _ActivationCapture(self.layer, leaf=cut is None)
         handles = [module.register_forward_hook(capture)]
-        pooled = None
-        if self._pool is not None:
-            pooled = _PooledCapture()
-            handles.append(network.get_submodule(self._pool).register_forward_hook(pooled))
+        leaf = None
+        if cut is not None:
+            leaf = _LeafCapture()
+            handles.append(network.get_submodule(cut).register_forward_hook(leaf))
         try:
             with _computing(network):
                 logits, scores = self._scores(network, images, labels)
                 if capture.activation is None:
                     raise InputError(f"layer {self.layer!r} was not used by the forward pass")
-                activation = capture.activation.detach()
-                if pooled is None:
-                    weights = channel_weights(_gradient(scores, capture.activation))
-                elif pooled.pooled is None:
-                    raise InputError(f"the max pool {self._pool!r} after layer {self.layer!r} "
-                                     "was not used by the forward pass")
-                else:
-                    weights = channel_weights_after_pool(_gradient(scores, pooled.pooled),
-                                                         *activation.shape[-2:])
+                if leaf is not None and leaf.leaf is None:
+                    raise InputError(f"{cut!r}, after layer {self.layer!r}, was not used by the "
+                                     "forward pass")
+                weights = self._channel_weights(network, scores, capture.activation, leaf)
         finally:
             for handle in handles:
                 handle.remove()
+        activation = capture.activation.detach()
         cam = weighted_map(activation, weights)
         reaction, empty = reaction_from_map(cam)
         return BatchResult(logits.detach(), reaction, empty, cam if keep_maps else None)
+
+    def _channel_weights(self, network: nn.Module, scores: Tensor, activation: Tensor,
+                         leaf: _LeafCapture | None) -> Tensor:
+        """alpha ``[B, K]``, from the gradient at the layer, or at the output of the pool or
+        the dense layer it is taken at (``leaf``)."""
+        if leaf is None:
+            return channel_weights(_gradient(scores, activation))
+        gradient = _gradient(scores, leaf.leaf)
+        height, width = activation.shape[-2:]
+        if self._dense is None:
+            return channel_weights_after_pool(gradient, height, width)
+        weight = network.get_submodule(self._dense).weight
+        return channel_weights_from_dense(gradient, weight, activation.shape[1], height, width)
 
 
 # What copying a model, or running its copy, may raise: refused, with a note, not fatal.
@@ -463,7 +522,7 @@ class TorchKind(BackendKind):
         self._shared = None if model is None else TorchBackend(
             model, setup.spec, setup.device,
             channels_last=True if setup.inputs.model_spec is not None else None,  # zoo: yes
-            fuse_layers=True, cut_after_pool=True)
+            fuse_layers=True, cut_after_pool=True, cut_at_dense=True)
 
     @staticmethod
     def device(requested: str) -> str:

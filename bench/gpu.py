@@ -306,7 +306,7 @@ def _speed_row(name: str, size: tuple[int, int], classes: int, device: str,
                                     exporter.contract), device)
     images, labels = images.to(device), labels.to(device)
     backend = TorchBackend(model, spec, device, channels_last=True,  # as for zoo models
-                           fuse_layers=True, cut_after_pool=True)
+                           fuse_layers=True, cut_after_pool=True, cut_at_dense=True)
     problems = [f"{name}: {problem}" for problem in where_it_ran(backend, onnx, device)]
     if problems:
         return problems  # never print a CPU figure as a GPU one

@@ -174,10 +174,11 @@ class Ours(Method):
     def __init__(self, model: nn.Module, layer: str) -> None:
         super().__init__(model, layer)
         # as `analyzer reaction` runs zoo models (channels-last, batch norm folded and ReLU
-        # fused into the convs, the gradient after the layer's pool); on its own copy, so
-        # peers keep their layout
+        # fused into the convs, the gradient at the first dense layer's output); on its own
+        # copy, so peers keep their layout
         self.backend = TorchBackend(copy.deepcopy(model), ReactionSpec(layer), "cpu",
-                                    channels_last=True, fuse_layers=True, cut_after_pool=True)
+                                    channels_last=True, fuse_layers=True, cut_after_pool=True,
+                                    cut_at_dense=True)
 
     def run(self, images: Tensor, labels: Tensor) -> None:
         self.backend.compute(images, labels)

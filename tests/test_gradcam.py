@@ -14,6 +14,7 @@ import torch
 from analyzer.gradcam import (
     channel_weights,
     channel_weights_after_pool,
+    channel_weights_from_dense,
     grad_cam_map,
     reaction_from_map,
     target_scores,
@@ -98,6 +99,15 @@ def test_channel_weights_after_a_pool_divide_the_pooled_sum_by_the_layers_size()
     pooled = _tensor([[[[1.0, 2.0], [3.0, -2.0]], [[0.0, 0.0], [0.0, 4.0]]]])
     assert channel_weights_after_pool(pooled, 4, 5).tolist() == [
         [pytest.approx(0.2), pytest.approx(0.2)]]
+
+
+def test_channel_weights_from_a_dense_layer_sum_its_weight_per_channel() -> None:
+    # T: 2 channels of 2 entries, flattened to 4 inputs of a dense layer with 2 outputs,
+    # W = [[1, 2, 3, 4], [0, -1, 5, 0]], ∂y/∂z = [1, 2]: ∂y/∂T = [1, 2]·W = [1, 0, 13, 4],
+    # channel sums 1 + 0 = 1 and 13 + 4 = 17, over A's 2×3 map: alpha = 1/6 and 17/6.
+    weight = _tensor([[1.0, 2.0, 3.0, 4.0], [0.0, -1.0, 5.0, 0.0]])
+    alpha = channel_weights_from_dense(_tensor([[1.0, 2.0]]), weight, 2, 2, 3)
+    assert alpha.tolist() == [[pytest.approx(1 / 6), pytest.approx(17 / 6)]]
 
 
 # ---- grad_cam_map ----------------------------------------------------------------------------

@@ -136,7 +136,7 @@ def test_a_first_batch_that_does_not_agree_keeps_the_gradient_at_the_layer(
     backend = TorchBackend(PooledNet(), ReactionSpec("act"), cut_after_pool=True)
     with torch.no_grad():
         backend.model.head.bias.fill_(float("nan"))
-    with caplog.at_level(logging.WARNING):
+    with caplog.at_level(logging.WARNING, logger="analyzer"):
         backend.compute(*random_batch(4, INPUT, CLASSES, 2))
     assert backend.gradient_pool is None
     assert "not after the max pool 'pool'" in caplog.text
