@@ -458,16 +458,35 @@ _MODEL_ERRORS = (RuntimeError, TypeError, AttributeError, ValueError, KeyError, 
 
 
 def _same_results(candidate: BatchResult, reference: BatchResult) -> bool:
-    """Logits and Reaction of a batch equal up to float32 rounding (:func:`_close`)."""
+    """A batch's logits equal up to float32 rounding (:func:`_close`), and its Reactions
+    too (:func:`_differing`) but for one image in fifty, and one in a batch of ten or more:
+    where a hidden ReLU's input lies within rounding of 0, another algorithm's rounding may
+    flip it, and with it that image's gradient (docs/BENCHMARKS.md, "The gradient at the dense
+    layer"); a different computation shows on most images."""
+    images = len(reference.reaction)
+    allowed = max(images // 50, 1 if images >= 10 else 0)
     return _close(candidate.logits, reference.logits) and \
-        _close(candidate.reaction, reference.reaction)
+        _differing(candidate.reaction, reference.reaction) <= allowed
+
+
+def _scale(reference: Tensor) -> float:
+    """The largest finite magnitude (NaN compares unequal, without an error)."""
+    finite = torch.nan_to_num(reference.abs(), nan=0.0, posinf=0.0)
+    return float(finite.max()) if reference.numel() else 0.0
 
 
 def _close(candidate: Tensor, reference: Tensor) -> bool:
-    """Equal up to float32 rounding of another convolution algorithm."""
-    finite = torch.nan_to_num(reference.abs(), nan=0.0, posinf=0.0)  # NaN: unequal, no error
-    scale = float(finite.max()) if reference.numel() else 0.0
-    return bool(torch.allclose(candidate, reference, rtol=1e-4, atol=1e-6 * max(scale, 1.0)))
+    """Equal up to float32 rounding of another convolution algorithm (logits: the absolute
+    tolerance scaled to the largest, or to 1)."""
+    atol = 1e-6 * max(_scale(reference), 1.0)
+    return bool(torch.allclose(candidate, reference, rtol=1e-4, atol=atol))
+
+
+def _differing(candidate: Tensor, reference: Tensor) -> int:
+    """How many entries differ by more than float32 rounding: 1e-4 of their own value plus
+    1e-6 of the largest, without an absolute floor (Reactions are 1e-7 to 1e-3); NaN differs."""
+    tolerance = 1e-4 * reference.abs() + 1e-6 * _scale(reference)
+    return int((~((candidate - reference).abs() <= tolerance)).sum())
 
 
 def _largest_activation_bytes(model: nn.Module, image: Tensor) -> int:

@@ -233,3 +233,48 @@ def test_the_exported_graph_multiplies_by_the_dense_weight_once_when_cut(cut: bo
     reference = reference_grad_cam(model, "act", images, labels)
     agreement = assert_matches_reference(cam, reaction, empty, reference)
     assert agreement.excluded + agreement.floored <= MAX_EXCLUDED_SHARE * len(images)
+
+
+def _tiny_reactions() -> DenseNet:
+    """A DenseNet whose Reactions are about 1e-8, as small as the thesis's (1.5e-7)."""
+    model = DenseNet()
+    with torch.no_grad():
+        model.out.weight.mul_(1e-6)
+    return model
+
+
+def test_a_cut_one_percent_off_is_refused_however_small_the_reactions(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import analyzer.torch_backend as torch_backend
+
+    def one_percent_off(*arguments: Tensor) -> Tensor:
+        return channel_weights_from_dense(*arguments) * 1.01
+
+    monkeypatch.setattr(torch_backend, "channel_weights_from_dense", one_percent_off)
+    backend = TorchBackend(_tiny_reactions(), ReactionSpec("act"), cut_after_pool=True,
+                           cut_at_dense=True)
+    result = backend.compute(*random_batch(64, INPUT, CLASSES, 3))
+    assert 0 < float(result.reaction.max()) < 1e-6
+    assert (backend.gradient_pool, backend.gradient_dense) == ("pool", None)
+
+
+def test_one_image_in_fifty_may_differ_in_the_first_batch_but_not_two() -> None:
+    from analyzer.backends import BatchResult
+    from analyzer.torch_backend import _same_results
+
+    generator = torch.Generator().manual_seed(6)
+    logits = torch.randn(64, CLASSES, generator=generator)
+    reaction = torch.rand(64, generator=generator) * 1e-7
+    reference = BatchResult(logits, reaction, reaction == 0)
+
+    def with_changed(images: list[int]) -> BatchResult:
+        changed = reaction.clone()
+        changed[images] *= 1.05  # a hidden ReLU flipped by rounding
+        return BatchResult(logits.clone(), changed, changed == 0)
+
+    assert _same_results(with_changed([]), reference)
+    assert _same_results(with_changed([17]), reference)
+    assert not _same_results(with_changed([17, 40]), reference)
+    single = BatchResult(logits[:1], reaction[:1], reaction[:1] == 0)
+    assert not _same_results(BatchResult(logits[:1], reaction[:1] * 1.05, reaction[:1] == 0),
+                             single)
