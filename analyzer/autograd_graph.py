@@ -23,9 +23,10 @@ class ModuleCall:
 
 
 @contextlib.contextmanager
-def watching_calls(network: nn.Module, kind: type[nn.Module]) -> Iterator[list[ModuleCall]]:
-    """Record every call of the network's modules of exactly type ``kind`` (no subclass: its
-    forward could be anything) that carry no hook (their calls could do more)."""
+def watching_calls(network: nn.Module, kinds: tuple[type[nn.Module], ...]
+                   ) -> Iterator[list[ModuleCall]]:
+    """Record every call of the network's modules of exactly one of the types ``kinds`` (no
+    subclass: its forward could be anything) that carry no hook (their calls could do more)."""
     calls: list[ModuleCall] = []
 
     def watch(name: str):
@@ -35,7 +36,7 @@ def watching_calls(network: nn.Module, kind: type[nn.Module]) -> Iterator[list[M
         return record
 
     watched = [(name, module) for name, module in network.named_modules()
-               if type(module) is kind and not hooked(module)]
+               if type(module) in kinds and not hooked(module)]
     handles = [module.register_forward_hook(watch(name)) for name, module in watched]
     try:
         yield calls

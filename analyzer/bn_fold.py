@@ -16,7 +16,9 @@ checkpoint loaded into the model is in the copy too) and has new convs, refolded
 checkpoint by :meth:`FoldedNetwork.refold`.
 
 The same copy fuses each ReLU that follows a conv (folded or not) into it, on a CPU
-(:mod:`analyzer.conv_relu`), with the same conditions and the same probe.
+(:mod:`analyzer.conv_relu`), with the same conditions and the same probe, and computes each
+plain 2×2 max pool without argmax indices where no gradient passes (:mod:`analyzer.max_pool`:
+the same function, wherever it is called from).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from analyzer.conv_relu import ConvReLU, fusable_relus, hooked
+from analyzer.max_pool import IndexFreeMaxPool, replaceable_pools
 
 
 @dataclass(frozen=True)
@@ -42,18 +45,19 @@ class _Fold:
 
 @dataclass(frozen=True)
 class FoldedNetwork:
-    """A copy of a model with its foldable conv → batch-norm pairs folded and its fusable
-    conv → ReLU pairs fused."""
+    """A copy of a model with its foldable conv → batch-norm pairs folded, its fusable
+    conv → ReLU pairs fused and its 2×2 max pools computed without indices."""
 
     model: nn.Module
     module: nn.Module       # the Grad-CAM layer in ``model``
     folds: tuple[_Fold, ...]
     fused_relus: int = 0
+    index_free_pools: int = 0
 
     @classmethod
     def build(cls, model: nn.Module, layer: str, probe: Tensor) -> FoldedNetwork | None:
         """The folded copy of ``model``, with ``layer`` kept as it is (or, a ReLU, fused into
-        its conv); None if nothing folds or fuses.
+        its conv); None if nothing folds, fuses or pools without indices.
 
         ``probe``: a batch of images for one eval-mode forward of ``model`` (no autograd)
         that sees from where each conv is called.
@@ -63,7 +67,8 @@ class FoldedNetwork:
         kept = called_from_their_sequence(model, pairs + fusions, probe)
         pairs = [pair for pair in pairs if pair in kept]
         fusions = [fusion for fusion in fusions if fusion in kept]
-        if not pairs and not fusions:
+        pools = replaceable_pools(model)
+        if not pairs and not fusions and not pools:
             return None
         shared = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
         network = copy.deepcopy(model, memo=shared)
@@ -81,7 +86,11 @@ class FoldedNetwork:
             fused = ConvReLU(copies[parent].get_submodule(conv_name))  # folded, or a copy
             setattr(copies[parent], conv_name, fused)
             setattr(copies[parent], relu_name, nn.Identity())  # the layer may be this one
-        result = cls(network, network.get_submodule(layer), tuple(folds), len(fusions))
+        for name in pools:
+            parent, _, pool_name = name.rpartition(".")
+            setattr(copies[parent], pool_name, IndexFreeMaxPool())
+        result = cls(network, network.get_submodule(layer), tuple(folds), len(fusions),
+                     len(pools))
         result.refold()
         return result
 

@@ -32,6 +32,7 @@ from analyzer.gradcam import (
     target_scores,
     weighted_map,
 )
+from analyzer.max_pool import IndexFreeMaxPool
 from analyzer.pool_cut import sole_max_pool
 from store.checkpoint_files import CheckpointFile, sha256_file
 from store.errors import InputError, first_line
@@ -144,7 +145,9 @@ class TorchBackend:
         fuse_layers: compute with a copy of the model in which each eval-mode batch norm
             that provably follows only a conv is folded into it (:mod:`analyzer.bn_fold`),
             and on a CPU each ReLU that provably follows only a conv is fused into it
-            (:mod:`analyzer.conv_relu`); kept if the first batch gives the same results
+            (:mod:`analyzer.conv_relu`) and each 2×2 max pool records no argmax where no
+            gradient passes (:mod:`analyzer.max_pool`); kept if the first batch gives the same
+            results
             (:meth:`_choose_folding`). The model itself, and so :attr:`model`, stays as it is.
         cut_after_pool: take the gradient after the max pool that alone follows the layer
             (:mod:`analyzer.pool_cut`, the same channel weights without the pool's backward)
@@ -190,6 +193,11 @@ class TorchBackend:
     def relu_fused(self) -> bool:
         """Whether batches are computed with ReLUs fused into the convs."""
         return self._folded is not None and self._folded.fused_relus > 0
+
+    @property
+    def pools_without_indices(self) -> bool:
+        """Whether batches are computed with 2×2 max pools that record no argmax."""
+        return self._folded is not None and self._folded.index_free_pools > 0
 
     @property
     def gradient_pool(self) -> str | None:
@@ -266,7 +274,8 @@ class TorchBackend:
         the same results as ``reference`` (rel. 1e-4), and return it. None, and the gradient
         taken at the layer, when there is no such pool (silently) or the results differ."""
         self._pool_undecided = False
-        pool = self._probe(images[:1], labels[:1], nn.MaxPool2d, sole_max_pool)
+        pool = self._probe(images[:1], labels[:1], (nn.MaxPool2d, IndexFreeMaxPool),
+                           sole_max_pool)
         if pool is None:
             return None
         self._pool = pool
@@ -286,7 +295,7 @@ class TorchBackend:
         None, and the gradient taken where it was, when there is no such layer (silently)
         or the results differ."""
         self._dense_undecided = False
-        dense = self._probe(images[:1], labels[:1], nn.Linear, sole_dense_layer)
+        dense = self._probe(images[:1], labels[:1], (nn.Linear,), sole_dense_layer)
         if dense is None:
             return None
         self._dense = dense
@@ -312,11 +321,11 @@ class TorchBackend:
             return candidate, ""
         return None, "its results differ"
 
-    def _probe(self, images: Tensor, labels: Tensor, kind: type[nn.Module],
+    def _probe(self, images: Tensor, labels: Tensor, kinds: tuple[type[nn.Module], ...],
                find: Callable[[list[ModuleCall], Tensor, Tensor], str | None]) -> str | None:
-        """In a forward of ``images``, the module of type ``kind`` that ``find`` reads off the
-        autograd graph as the one that alone takes T: the layer's output, or the output of
-        the max pool the gradient is taken after."""
+        """In a forward of ``images``, the module of one of the types ``kinds`` that ``find``
+        reads off the autograd graph as the one that alone takes T: the layer's output, or
+        the output of the max pool the gradient is taken after."""
         network, module = self._network()
         capture = _ActivationCapture(self.layer)
         handles = [module.register_forward_hook(capture)]
@@ -325,7 +334,7 @@ class TorchBackend:
             pooled = _LeafCapture()
             handles.append(network.get_submodule(self._pool).register_forward_hook(pooled))
         try:
-            with watching_calls(network, kind) as calls, _computing(network):
+            with watching_calls(network, kinds) as calls, _computing(network):
                 _, scores = self._scores(network, images, labels)
                 passed_on = (pooled or capture).passed_on
                 if passed_on is None:
