@@ -3,10 +3,11 @@
 PyTorch's CPU ``max_pool2d`` always records the argmax of every window for a backward, even
 where none will run (every pool before the Grad-CAM layer, and after it once the gradient is
 taken further on: :mod:`analyzer.pool_cut`, :mod:`analyzer.dense_cut`): on thesis Model II at
-50×200 the pools were 14 % of the torch backend's time. The maximum of the rows taken two by
+50×200 the pools were a seventh of the torch backend's time. The maximum of the rows taken two by
 two, then of the columns, is the same function, bit for bit (a maximum rounds nothing; NaN
-propagates as in ``max_pool2d``), written without indices: 2–2.4× faster in the channels-last
-layout, 3–7× in the default one (docs/BENCHMARKS.md "Max pools without indices").
+propagates as in ``max_pool2d``), written without indices: on Model II's maps 1.2–1.7×
+faster in the channels-last layout, 6–8× in the default one, and the torch backend 1.11× and
+1.52× (docs/BENCHMARKS.md "Max pools without indices").
 
 Only a plain ``nn.MaxPool2d`` of kernel 2 and stride 2, no padding, no dilation, floor mode,
 no indices, without hooks, is replaced, in the backend's computing copy
