@@ -147,8 +147,8 @@ class TorchBackend:
             and on a CPU each ReLU that provably follows only a conv is fused into it
             (:mod:`analyzer.conv_relu`) and each 2×2 max pool records no argmax where no
             gradient passes (:mod:`analyzer.max_pool`); kept if the first batch gives the same
-            results
-            (:meth:`_choose_folding`). The model itself, and so :attr:`model`, stays as it is.
+            results (:meth:`_choose_folding`). The model itself, and so :attr:`model`, stays
+            as it is.
         cut_after_pool: take the gradient after the max pool that alone follows the layer
             (:mod:`analyzer.pool_cut`, the same channel weights without the pool's backward)
             if there is one and the first batch gives the same results
