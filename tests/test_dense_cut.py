@@ -21,6 +21,7 @@ from analyzer.onnx_export import ExportSettings, ReactionGraphExporter
 from analyzer.torch_backend import TorchBackend
 from store.onnx_files import CAM, EMPTY, IMAGES, REACTION, TARGETS
 from store.spec import ReactionSpec
+from tests.test_pool_cut import checked
 from tests.test_torch_backend import (
     MAX_EXCLUDED_SHARE,
     assert_matches_reference,
@@ -116,21 +117,10 @@ NOT_CUT = {
 }
 
 
-def _checked(build: Callable[[], nn.Module], seed: int = 5, **options: bool) -> TorchBackend:
-    """A backend that may take the gradient after the pool and at the dense layer, checked
-    against the float64 per-image loop on a trained checkpoint (first batch: the decisions;
-    second: computed as decided)."""
-    backend = TorchBackend(build(), ReactionSpec("act"), cut_after_pool=True, cut_at_dense=True,
-                           **options)
-    backend.load_weights(make_checkpoint(build, INPUT, CLASSES, seed))
-    for batch_seed in (seed, seed + 100):
-        images, labels = random_batch(200, INPUT, CLASSES, batch_seed)
-        result = backend.compute(images, labels, keep_maps=True)
-        reference = reference_grad_cam(backend.model, "act", images, labels)
-        agreement = assert_matches_reference(result.cam, result.reaction, result.empty,
-                                             reference)
-        assert agreement.excluded + agreement.floored <= MAX_EXCLUDED_SHARE * len(images)
-    return backend
+def _checked(build: Callable[[], nn.Module], **options: bool) -> TorchBackend:
+    """:func:`tests.test_pool_cut.checked` with the gradient allowed after the pool and at
+    the dense layer."""
+    return checked(build, INPUT, CLASSES, cut_after_pool=True, cut_at_dense=True, **options)
 
 
 @pytest.mark.parametrize("name", list(CUT))

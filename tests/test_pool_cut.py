@@ -86,19 +86,26 @@ NOT_CUT = {
 }
 
 
-def _checked(build: Callable[[], nn.Module], layer: str = "act", seed: int = 5) -> TorchBackend:
-    """A backend that may cut after the pool, checked against the float64 per-image loop on a
-    trained checkpoint (first batch: the decision; second: computed as decided)."""
-    backend = TorchBackend(build(), ReactionSpec(layer), cut_after_pool=True)
-    backend.load_weights(make_checkpoint(build, INPUT, CLASSES, seed))
+def checked(build: Callable[[], nn.Module], input_shape: tuple[int, ...], classes: int,
+            layer: str = "act", seed: int = 5, **options: bool) -> TorchBackend:
+    """A backend with ``options`` (where the gradient may be taken), checked against the
+    float64 per-image loop on a trained checkpoint (first batch: the decisions; second:
+    computed as decided)."""
+    backend = TorchBackend(build(), ReactionSpec(layer), **options)
+    backend.load_weights(make_checkpoint(build, input_shape, classes, seed))
     for batch_seed in (seed, seed + 100):
-        images, labels = random_batch(200, INPUT, CLASSES, batch_seed)
+        images, labels = random_batch(200, input_shape, classes, batch_seed)
         result = backend.compute(images, labels, keep_maps=True)
         reference = reference_grad_cam(backend.model, layer, images, labels)
         agreement = assert_matches_reference(result.cam, result.reaction, result.empty,
                                              reference)
         assert agreement.excluded + agreement.floored <= MAX_EXCLUDED_SHARE * len(images)
     return backend
+
+
+def _checked(build: Callable[[], nn.Module], layer: str = "act") -> TorchBackend:
+    """:func:`checked` with the gradient allowed after the pool."""
+    return checked(build, INPUT, CLASSES, layer, cut_after_pool=True)
 
 
 @pytest.mark.parametrize("name", list(CUT))
