@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import atexit
 import functools
 import logging
 import os
 import shlex
 import sys
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -998,5 +1000,44 @@ def analyzer_info(file: Path, as_json: bool) -> None:
     click.echo(json.dumps(summary, indent=1) if as_json else format_summary(summary))
 
 
+def _console_script(group: click.Group) -> Callable[[], None]:
+    """The console-script entry point of ``group``: the command, then an exit that skips the
+    interpreter's teardown of every loaded module (0.5-0.8 s once torch is imported, a
+    seventh of a whole ``analyzer reaction`` on issue 14's workload; docs/BENCHMARKS.md "The
+    exit"). The exit handlers run, the output is flushed and the command's status kept; while
+    another thread still runs or an HDF5 file is still open, the interpreter exits as usual,
+    joining and closing them."""
+
+    def main() -> None:
+        try:
+            group.main()
+        except SystemExit as finished:
+            code = finished.code
+            if not isinstance(code, int | None) or _still_busy():
+                raise
+        atexit._run_exitfuncs()  # what the interpreter's exit would run first (incl. logging)
+        try:
+            sys.stdout.flush()
+            sys.stderr.flush()
+        except OSError:  # a closed pipe: let the usual exit report it
+            raise SystemExit(code) from None
+        os._exit(code or 0)
+
+    return main
+
+
+def _still_busy() -> bool:
+    """Whether a thread other than this one (and daemons) still runs, or HDF5 has a file
+    open: then only the interpreter's own exit joins and closes them."""
+    others = [thread for thread in threading.enumerate()
+              if thread is not threading.current_thread() and not thread.daemon]
+    h5py = sys.modules.get("h5py")
+    open_files = h5py.h5f.get_obj_count(h5py.h5f.OBJ_ALL, h5py.h5f.OBJ_FILE) if h5py else 0
+    return bool(others) or open_files > 0
+
+
+trainer_main = _console_script(trainer)
+analyzer_main = _console_script(analyzer)
+
 if __name__ == "__main__":
-    trainer()
+    trainer_main()

@@ -116,10 +116,11 @@ def environment(root: Path, code: Path | None, threads: int) -> dict[str, str]:
 
 
 def analyzer_argv(arguments: list[str]) -> list[str]:
-    """A python command line that runs ``analyzer ARGUMENTS`` from whatever ``cli`` is first
-    on the path (the console script would always run the installed checkout)."""
-    return [sys.executable, "-c", "import sys; from cli import analyzer; "
-            "sys.argv = ['analyzer', *sys.argv[1:]]; analyzer()", *arguments]
+    """A python command line that runs ``analyzer ARGUMENTS`` as its console script does
+    (``cli.analyzer_main``; plain ``cli.analyzer`` in a checkout from before it), from whatever
+    ``cli`` is first on the path (the console script would always run the installed one)."""
+    return [sys.executable, "-c", "import sys, cli; sys.argv = ['analyzer', *sys.argv[1:]]; "
+            "getattr(cli, 'analyzer_main', cli.analyzer)()", *arguments]
 
 
 def main() -> None:
