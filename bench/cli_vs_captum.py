@@ -68,8 +68,16 @@ def main() -> None:
                         help="another checkout's source folder (e.g. main's): its torch, "
                              "onnx and onnx files runs are timed too, as 'torch (baseline)' "
                              "and so on")
+    parser.add_argument("--captum-keeps-freed-memory", action="store_true",
+                        help="raise glibc's mmap and trim thresholds in this process before "
+                             "captum runs, as `analyzer reaction` does for itself "
+                             "(trainer/allocator.py): captum timed without its page faults")
     options = parser.parse_args()
     torch.set_num_threads(options.threads)
+    if options.captum_keeps_freed_memory:
+        from trainer.allocator import keep_freed_memory
+
+        assert keep_freed_memory(), "glibc did not take the allocator settings"
     work = make_workload(options.work)
     env = environment(work, None, options.threads)
     shutil.rmtree(work / "graph-cache", ignore_errors=True)
@@ -83,7 +91,8 @@ def main() -> None:
         baseline_env = {**environment(work, options.baseline.resolve(), options.threads),
                         "REACTION_CACHE_DIR": env["REACTION_CACHE_DIR"]}
     print(f"workload {work}: foreign Model II {IMAGE_SIZE[0]}x{IMAGE_SIZE[1]}, {CHECKPOINTS} "
-          f"checkpoints x 384 images, {options.threads} threads, captum batch {options.batch}; "
+          f"checkpoints x 384 images, {options.threads} threads, captum batch {options.batch}"
+          f"{', captum keeps freed memory' if options.captum_keeps_freed_memory else ''}; "
           f"load average at start {_load()}", flush=True)
     exported = {}
     if "onnx files" in methods:
