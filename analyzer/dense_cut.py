@@ -10,7 +10,7 @@ dense layer z = W·flatten(T) + b, with T's K channels of S entries each, then
     Σ_s ∂y^c/∂T^k_s = Σ_o ∂y^c/∂z_o · Σ_s W[o, k·S + s].
 
 The backward can stop at z: the product of the gradient with W, ``[B, out] × [out, K·S]``
-(for thesis Model II at 50×200, 11264 inputs, the largest matrix product of the backward),
+(for thesis Model II at 50×200, 11776 inputs, the largest matrix product of the backward),
 becomes one with W summed per channel, ``[out, K]`` (:func:`analyzer.gradcam
 .channel_weights_from_dense`).
 
