@@ -10,7 +10,8 @@ docs/BENCHMARKS.md).
 
 Which pool, if any, is read off the autograd graph of a probe forward (:func:`sole_max_pool`):
 the tensor the layer passes on has exactly one consumer on the way to the scores, and it is
-the call of an ``nn.MaxPool2d`` module (no subclass, no hooks) that runs once per forward, on
+the call of an ``nn.MaxPool2d`` module (no subclass, no hooks; or the index-free 2×2 pool of
+:mod:`analyzer.max_pool` that replaced one) that runs once per forward, on
 that very tensor. The backend then compares a first batch computed both ways
 (``TorchBackend._choose_pool_cut``).
 """
@@ -27,7 +28,8 @@ def sole_max_pool(calls: list[ModuleCall], passed_on: Tensor, scores: Tensor) ->
     output, as the forward used it) on the autograd graph that leads to ``scores``; None when
     it has another consumer or none, or the pool ran more than once.
 
-    ``calls``: the forward's calls of plain ``nn.MaxPool2d`` modules
+    ``calls``: the forward's calls of plain ``nn.MaxPool2d`` modules, and of the index-free
+    pools that replace some in the backend's computing copy (:mod:`analyzer.max_pool`)
     (:func:`analyzer.autograd_graph.watching_calls`)."""
     if passed_on.grad_fn is None:
         return None
