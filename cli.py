@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import errno
 import functools
 import logging
 import os
@@ -60,8 +61,8 @@ def _user_errors(command: Callable) -> Callable:
         except InputError as error:
             raise click.ClickException(str(error)) from None
         except OSError as error:
-            if os.environ.get("REACTION_DEBUG"):
-                raise
+            if os.environ.get("REACTION_DEBUG") or error.errno == errno.EPIPE:
+                raise  # EPIPE: the reader went away (`... | head`); click ends quietly
             where = f": {error.filename}" if error.filename else ""
             raise click.ClickException(f"{error.strerror or error}{where}") from None
         except (MemoryError, RuntimeError) as error:  # torch reports allocation failures so

@@ -13,7 +13,7 @@ import h5py
 import numpy as np
 import pytest
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, script
 
 GROUP = """
 import atexit, sys, threading, time
@@ -89,3 +89,13 @@ def test_an_hdf5_file_left_open_is_closed_with_its_data(tmp_path: Path) -> None:
         np.testing.assert_array_equal(handle["values"][()], np.arange(1000.0))
         np.testing.assert_array_equal(handle["group/more"][()], np.ones(10))
         assert handle.attrs["note"] == "still open at exit"
+
+
+def test_a_reader_that_goes_away_ends_the_command_quietly() -> None:
+    # `trainer models | head -0`: the pipe is closed before the table is written.
+    command = subprocess.Popen([*script("trainer"), "models"], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True,
+                               env={**os.environ, "PYTHONPATH": str(ROOT)})
+    command.stdout.close()
+    _, stderr = command.communicate(timeout=120)
+    assert (command.returncode, stderr) == (1, "")
