@@ -41,7 +41,7 @@ def sole_dense_layer(calls: list[ModuleCall], passed_on: Tensor, scores: Tensor)
     ``calls``: the forward's calls of plain ``nn.Linear`` modules
     (:func:`analyzer.autograd_graph.watching_calls`)."""
     node = passed_on.grad_fn
-    if node is None or passed_on.dim() < 2:
+    if node is None:
         return None
     taken_by = consumers(scores)
     flat = passed_on[0].numel()

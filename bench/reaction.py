@@ -58,6 +58,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
@@ -166,8 +167,19 @@ class ThesisLoop(Method):
         return grad_cam_map(kept["activation"].detach(), kept["gradient"])
 
 
-# (id(model), layer) -> TorchBackend: its first batch's decisions (folding, where the
-# gradient is taken), made once per pass by `analyzer reaction`, are not what is timed
+def once_per_model(cache: dict, model: nn.Module, key: tuple, make: Callable[[], object]
+                   ) -> object:
+    """``make()``, made once per model and ``key`` and kept in ``cache`` for later rounds
+    (what is made once per pass is not what is timed); the model is kept with it, so that
+    its ``id``, part of the cache's key, cannot pass to another model."""
+    cache_key = (id(model), *key)
+    if cache_key not in cache:
+        cache[cache_key] = (model, make())
+    return cache[cache_key][1]
+
+
+# (id(model), layer) -> (model, TorchBackend): the first batch's decisions (folding, where
+# the gradient is taken), made once per pass by `analyzer reaction`
 _DECIDED: dict = {}
 
 
@@ -182,12 +194,9 @@ class Ours(Method):
         # fused into the convs, the gradient at the first dense layer's output); on its own
         # copy, so peers keep their layout; decided on the first batch it computes (the
         # warm-up round of time_settings), kept for the later rounds
-        key = (id(model), layer)
-        if key not in _DECIDED:
-            _DECIDED[key] = TorchBackend(copy.deepcopy(model), ReactionSpec(layer), "cpu",
-                                         channels_last=True, fuse_layers=True,
-                                         cut_after_pool=True, cut_at_dense=True)
-        self.backend = _DECIDED[key]
+        self.backend = once_per_model(_DECIDED, model, (layer,), lambda: TorchBackend(
+            copy.deepcopy(model), ReactionSpec(layer), "cpu", channels_last=True,
+            fuse_layers=True, cut_after_pool=True, cut_at_dense=True))
 
     def run(self, images: Tensor, labels: Tensor) -> None:
         self.backend.compute(images, labels)
@@ -196,7 +205,7 @@ class Ours(Method):
         return self.backend.compute(images, labels, keep_maps=True).cam
 
 
-_EXPORTED: dict = {}  # (id(model), layer, size) -> OnnxFile: the trace is not what is timed
+_EXPORTED: dict = {}  # (id(model), layer, size) -> (model, OnnxFile): the trace
 
 
 class OnnxOurs(Method):
@@ -213,15 +222,16 @@ class OnnxOurs(Method):
         from store.onnx_files import OnnxFile
 
         super().__init__(model, layer)
-        key = (id(model), layer, image_size)
-        if key not in _EXPORTED:
+
+        def export() -> OnnxFile:
             settings = ExportSettings(ReactionSpec(layer), with_maps=True)
             exporter = ReactionGraphExporter(model, settings,
                                              channels=1, image_size=image_size)
             exporter.load_weights(model.state_dict())
-            _EXPORTED[key] = OnnxFile(Path("bench.onnx"), exporter.model_bytes(), "",
-                                      exporter.contract)
-        self.backend = OnnxBackend(_EXPORTED[key], "cpu", threads=torch.get_num_threads())
+            return OnnxFile(Path("bench.onnx"), exporter.model_bytes(), "", exporter.contract)
+
+        exported = once_per_model(_EXPORTED, model, (layer, image_size), export)
+        self.backend = OnnxBackend(exported, "cpu", threads=torch.get_num_threads())
 
     def run(self, images: Tensor, labels: Tensor) -> None:
         self.backend.compute(images, labels)
