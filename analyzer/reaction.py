@@ -51,6 +51,7 @@ from analyzer.plan import (
     PendingCheckpoint,
     plan_pending,
 )
+from analyzer.start_up import start_up
 from analyzer.stopping import StopRequested, StopSignals
 from store.checkpoint_files import CHECKPOINT_SUFFIXES, CheckpointFile
 from store.errors import InputError
@@ -124,9 +125,12 @@ def compute_reaction(options: ReactionOptions, progress: bool = True) -> Reactio
         try:
             if options.follow:
                 _wait_for_first_checkpoint(options, selection, signals.requested)
-            analysis = set_up_pass(_request(options, ranks))
-            return _analyse(options, analysis, selection, signals,
-                            progress and (ranks is None or ranks.writer), ranks)
+            with start_up() as started:  # no garbage collection while the pass sets up
+                analysis = set_up_pass(_request(options, ranks))
+                prepared = _prepare(options, analysis, selection)
+                started.done()
+                return _analyse(options, prepared, selection, signals,
+                                progress and (ranks is None or ranks.writer), ranks)
         except StopRequested:
             path = options.out or options.run or Path(options.ckpt_dir).parent / RUN_FILE
             return ReactionSummary(Path(path), stopped=True,
@@ -142,8 +146,19 @@ def _request(options: ReactionOptions, ranks: Ranks | None) -> PassRequest:
                        awaiting=options.follow, graph_cache=options.graph_cache)
 
 
-def _analyse(options: ReactionOptions, analysis: Pass, selection: EpochSelection,
-             signals: StopSignals, progress: bool, ranks: Ranks | None) -> ReactionSummary:
+@dataclass
+class _Prepared:
+    """A pass set up and checked: what its checkpoints loop needs."""
+
+    analysis: Pass
+    checkpoints: list[CheckpointFile]  # those selected
+    data: SplitsOnDevice
+    first: LoadedCheckpoint  # the preflight's checkpoint, not loaded again
+
+
+def _prepare(options: ReactionOptions, analysis: Pass, selection: EpochSelection
+             ) -> _Prepared:
+    """Select the checkpoints, put the images on the device and run the preflight."""
     for path in analysis.ignored:
         logger.warning(f"ignoring {path.name} (not a checkpoint with an epoch number)")
     inputs = analysis.inputs
@@ -167,6 +182,14 @@ def _analyse(options: ReactionOptions, analysis: Pass, selection: EpochSelection
     data = SplitsOnDevice(inputs.splits, analysis.kind)
     first = _preflight(analysis, checkpoints[0] if checkpoints else analysis.checkpoints[0],
                        data)
+    return _Prepared(analysis, checkpoints, data, first)
+
+
+def _analyse(options: ReactionOptions, prepared: _Prepared, selection: EpochSelection,
+             signals: StopSignals, progress: bool, ranks: Ranks | None) -> ReactionSummary:
+    analysis, checkpoints, data, first = (prepared.analysis, prepared.checkpoints,
+                                          prepared.data, prepared.first)
+    run_file, inputs = analysis.run_file, analysis.inputs
     results_path = _results_path(options, run_file)
     split_names = [split.name for split in inputs.splits]
     device = str(analysis.kind.setup.device)
