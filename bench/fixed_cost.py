@@ -18,7 +18,8 @@ Per round and per (code, backend) it runs, each in a fresh process:
   imports it), the set-up (files, checkpoint metadata, model build, image decoding, backend
   kind: the ONNX export), the preflight (load, ONNX session, first-batch layout check), the
   results file, the plan and the first checkpoint; the interpreter's own start (``python -c
-  pass``) is added in front;
+  pass``) is added in front; and the garbage collections before the first checkpoint is
+  stored, how many and their seconds (``gc.callbacks``);
 * once per (code, backend), ``python -X importtime`` of the same command: import seconds per
   package.
 
@@ -33,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import gc
 import importlib
 import importlib.abc
 import importlib.util
@@ -97,6 +99,7 @@ STAGES = [
 ]
 _FIRST = "first checkpoint: load + compute + store"
 _COMPUTE = "  of it the compute of its 384 images"
+_COLLECTIONS = "garbage collections before the first checkpoint stored"
 _PACKAGES = ("torch", "numpy", "h5py", "onnx", "onnxruntime", "onnxscript", "onnx_ir", "PIL",
              "safetensors", "click", "tqdm", "matplotlib", "scipy", "sklearn", "sympy")
 _OURS = ("analyzer", "store", "trainer", "cli")
@@ -269,6 +272,8 @@ def _run_stages(arguments: list[str]) -> None:
     """Run ``analyzer ARGUMENTS`` in this process with the stage functions wrapped; print a
     JSON line of wall and CPU seconds per stage."""
     wall0, cpu0 = _T0, _C0  # this script's start
+    collections: list[tuple[float, float]] = []  # each garbage collection's start and seconds
+    gc.callbacks.append(functools.partial(_time_collection, collections, wall0))
     import analyzer.reaction  # noqa: F401  (the command's own module: every run imports it)
     import cli
 
@@ -311,9 +316,23 @@ def _run_stages(arguments: list[str]) -> None:
         totals[f"{_COMPUTE} wall"], totals[f"{_COMPUTE} cpu"] = computes[0]
         totals["to the first checkpoint stored wall"] = first_store[0][0]
         totals["to the first checkpoint stored cpu"] = first_store[0][1]
+        before = [seconds for start, seconds in collections if start < first_store[0][0]]
+        totals[f"{_COLLECTIONS} count"] = len(before)
+        totals[f"{_COLLECTIONS} seconds"] = sum(before)
     totals["the whole command in the timer wall"] = end[0]
     totals["the whole command in the timer cpu"] = end[1]
     print(json.dumps(totals))
+
+
+def _time_collection(collections: list[tuple[float, float]], wall0: float, phase: str,
+                     info: dict) -> None:
+    """A ``gc.callbacks`` entry: append each collection's (start, seconds) from ``wall0``."""
+    now = time.perf_counter() - wall0
+    if phase == "start":
+        collections.append((now, float("nan")))
+    else:
+        start, _ = collections[-1]
+        collections[-1] = (start, now - start)
 
 
 class _WrapOnImport(importlib.abc.MetaPathFinder):
@@ -407,6 +426,9 @@ def _report(samples: dict, imports: dict, codes: list[str], backends: list[str])
                        extra="interpreter start") for c in columns]))
     print(_row("fixed cost = that - the first checkpoint's compute",
                [_fixed(samples[c]) for c in columns]))
+    print(_row(f"{_COLLECTIONS}: how many (seconds wall)",
+               [f"{_median(samples[c], f'{_COLLECTIONS} count'):.0f} "
+                f"({_median(samples[c], f'{_COLLECTIONS} seconds'):.2f})" for c in columns]))
     print("\nimport seconds per package (python -X importtime, self times summed, one run)\n")
     print(f"| package | {header} |")
     print("|---|" + "---:|" * len(columns))
