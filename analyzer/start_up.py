@@ -4,11 +4,12 @@ Importing torch makes some 160,000 objects that the collector tracks, nearly all
 live as long as the process. With Python's default thresholds the collector runs some 400
 times while they are made, each full collection walking the grown heap again: 0.2-0.3 s of
 the 2 s that ``analyzer reaction`` takes on issue 14's workload, before any checkpoint is
-computed (docs/BENCHMARKS.md, "The garbage collector at start-up"). ``analyzer reaction`` sets up in :func:`start_up`: the collector waits until
-the pass's imports, set-up and preflight are done, what those made is then frozen (kept out of
-every later collection) for the rest of the pass, and collection goes on as usual. Results are
-unchanged: only when cyclic garbage is found changes. (``trainer run`` imports torch before it
-reads its options, and its start-up is a second of a run of many epochs: left as it is.)
+computed (docs/BENCHMARKS.md, "The garbage collector at start-up"). ``analyzer reaction``
+sets up in :func:`start_up`: the collector waits until the pass's imports, set-up and
+preflight are done, what those made is then frozen (kept out of every later collection) for
+the rest of the pass, and collection goes on as usual. Results are unchanged: only when
+cyclic garbage is found changes. (``trainer run`` imports torch before it reads its options,
+and its start-up is a second of a run of many epochs: left as it is.)
 """
 
 from __future__ import annotations

@@ -17,13 +17,14 @@ from pathlib import Path
 import h5py
 import numpy as np
 import onnx
+import onnxruntime
 import pytest
 import torch
 from onnx import TensorProto, helper
 from PIL import Image
 from torch import Tensor, nn
 
-from analyzer.onnx_backend import OnnxBackend, cuda_usable
+from analyzer.onnx_backend import OnnxBackend, cuda_usable, session_options
 from analyzer.onnx_export import ExportSettings, ReactionGraphExporter
 from analyzer.reaction import ReactionOptions, compute_reaction
 from analyzer.torch_backend import TorchBackend
@@ -239,6 +240,23 @@ def test_any_batch_size_gives_the_same_results(onnx_run):
         torch.testing.assert_close(torch.cat([p.reaction for p in parts]), whole.reaction,
                                    rtol=1e-5, atol=1e-9)
         assert torch.equal(torch.cat([p.empty for p in parts]), whole.empty)
+
+
+def test_a_session_on_the_shared_arena_gives_its_own_arenas_results_bit_for_bit(onnx_run):
+    payload = (onnx_run / "checkpoints" / "epoch_0003.onnx").read_bytes()
+    images, labels = digits_split(onnx_run, "train")
+    feeds = {"images": images[:64].numpy(), "targets": labels[:64].numpy()}
+    shared, own = (onnxruntime.InferenceSession(payload, session_options(shared_arena=shared),
+                                                providers=["CPUExecutionProvider"])
+                   for shared in (True, False))
+    key = "session.use_env_allocators"
+    assert shared.get_session_options().get_session_config_entry(key) == "1"
+    with pytest.raises(RuntimeError, match="does not have configuration"):
+        own.get_session_options().get_session_config_entry(key)
+    names = ["logits", "reaction", "empty"]
+    for name, ours, theirs in zip(names, shared.run(names, feeds), own.run(names, feeds),
+                                  strict=True):
+        np.testing.assert_array_equal(ours, theirs, err_msg=name)
 
 
 @pytest.mark.slow
