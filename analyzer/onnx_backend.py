@@ -86,12 +86,12 @@ def _shared_cpu_arena() -> bool:
 
     A session's own arena is new and empty: its first runs take fresh memory from the system
     and fault every page of it in, and a pass makes a session per checkpoint. On issue 14's
-    workload (thesis Model II, 384 images a checkpoint, batches of 256) that was 1.6 million
-    page faults over 6 checkpoints, and each session's first pass over the images took
-    0.6-0.8 s instead of 0.35; with the arena shared, 0.3 million, the same peak memory, and
-    a second session as fast as the first was on its second pass (docs/BENCHMARKS.md,
-    "ONNX Runtime sessions share one arena"). Results are unchanged: only where the memory
-    comes from changes.
+    workload (thesis Model II, 384 images a checkpoint, batches of 256) the ONNX files' pass
+    faulted 1.08 million pages and each session's first pass over the images took 0.54-0.64 s
+    instead of 0.36; with the arena shared, 0.38 million, a lower peak (two sessions are alive
+    at once in a pass), and from the third checkpoint on, each as fast as a warm session
+    (docs/BENCHMARKS.md, "ONNX Runtime sessions share one arena"). The arena keeps what it
+    grew to for the process. Results are unchanged: only where the memory comes from changes.
     """
     ort = _ort()
     try:

@@ -8,7 +8,8 @@ Each round runs, in a fresh process per arena (shared, own; the order alternatin
 every exported checkpoint in turn: build its session, then one pass over the workload's 384
 images in batches of ``--batch`` (the CLI's default 256), as the pass does; it prints the
 seconds (session + pass) and the minor page faults per checkpoint, medians over the rounds,
-and the ratio. The glibc settings of the analyzer (trainer/allocator.py) apply in both.
+the ratio, and each process's peak resident memory. The glibc settings of the analyzer
+(trainer/allocator.py) apply in both.
 """
 
 from __future__ import annotations
@@ -46,8 +47,9 @@ def main() -> None:
     options = parser.parse_args()
     folder = options.work / "onnx-sessions"
     if options.one:
-        print(json.dumps(_checkpoints(sorted(folder.glob("*.onnx")), options.one,
-                                      options.batch)))
+        rows = _checkpoints(sorted(folder.glob("*.onnx")), options.one, options.batch)
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+        print(json.dumps({"checkpoints": rows, "peak MiB": peak}))
         return
     make_workload(options.work)
     if not folder.exists():
@@ -57,7 +59,7 @@ def main() -> None:
                                       "--out", str(folder), "-q"]),
                        env=environment(options.work, None, 2), cwd=options.work, check=True,
                        stdout=subprocess.DEVNULL)
-    runs: dict[str, list[list[dict]]] = {"shared": [], "own": []}
+    runs: dict[str, list[dict]] = {"shared": [], "own": []}
     for round_number in range(options.rounds):
         for arena in (("shared", "own") if round_number % 2 == 0 else ("own", "shared")):
             output = subprocess.run([sys.executable, __file__, "--work", str(options.work),
@@ -94,19 +96,19 @@ def _checkpoints(paths: list[Path], arena: str, batch: int) -> list[dict]:
     return rows
 
 
-def _report(runs: dict[str, list[list[dict]]], options: argparse.Namespace) -> None:
+def _report(runs: dict[str, list[dict]], options: argparse.Namespace) -> None:
     print(f"medians of {options.rounds} rounds, {IMAGES} images a checkpoint, batches of "
           f"{options.batch}, {os.environ.get('OMP_NUM_THREADS', 'all')} threads\n")
     print("| checkpoint | own arena: session + pass s (faults) | shared: session + pass s "
           "(faults) | shared / own |")
     print("|---|---:|---:|---:|")
     totals = {"shared": 0.0, "own": 0.0}
-    for index in range(len(runs["own"][0])):
+    for index in range(len(runs["own"][0]["checkpoints"])):
         cells = {}
         for arena in ("own", "shared"):
-            seconds = statistics.median(r[index]["session"] + r[index]["pass"]
-                                        for r in runs[arena])
-            faults = statistics.median(r[index]["faults"] for r in runs[arena])
+            rows = [run["checkpoints"][index] for run in runs[arena]]
+            seconds = statistics.median(row["session"] + row["pass"] for row in rows)
+            faults = statistics.median(row["faults"] for row in rows)
             totals[arena] += seconds
             cells[arena] = (seconds, faults)
         print(f"| {index + 1} | {cells['own'][0]:.3f} ({cells['own'][1] / 1e3:.0f}k) | "
@@ -114,6 +116,10 @@ def _report(runs: dict[str, list[list[dict]]], options: argparse.Namespace) -> N
               f"{cells['shared'][0] / cells['own'][0]:.2f} |")
     print(f"| all | {totals['own']:.2f} | {totals['shared']:.2f} | "
           f"{totals['shared'] / totals['own']:.2f} |")
+    peaks = {arena: statistics.median(run["peak MiB"] for run in runs[arena])
+             for arena in runs}
+    print(f"\npeak resident memory of the process: own arenas {peaks['own']:.0f} MiB, "
+          f"shared arena {peaks['shared']:.0f} MiB")
 
 
 if __name__ == "__main__":
