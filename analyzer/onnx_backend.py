@@ -5,9 +5,10 @@ also folds batch norm into the convolutions), sequential execution, one intra-op
 core, and on the CPU one memory arena that every session of the process shares. On the CPU
 the images are NumPy arrays loaded once, and a pass over ONNX files imports no torch (1–3 s
 of every run's start); on a GPU they are torch tensors that stay in device memory and are
-bound to the session by address (I/O binding), so no image is copied per checkpoint. A backend answers in the type it is given, so analyses that hand it torch tensors
-(``analyzer cam``, occlusion) get torch tensors back. CUDA is used only when ONNX Runtime can
-really run on it; provider errors never reach the user.
+bound to the session by address (I/O binding), so no image is copied per checkpoint. A
+backend answers in the type it is given, so analyses that hand it torch tensors (``analyzer
+cam``, occlusion) get torch tensors back. CUDA is used only when ONNX Runtime can really run
+on it; provider errors never reach the user.
 """
 
 from __future__ import annotations
