@@ -64,8 +64,7 @@ def main() -> None:
         for arena in (("shared", "own") if round_number % 2 == 0 else ("own", "shared")):
             output = subprocess.run([sys.executable, __file__, "--work", str(options.work),
                                      "--batch", str(options.batch), "--one", arena],
-                                    capture_output=True, text=True, check=True,
-                                    env={**os.environ}).stdout
+                                    capture_output=True, text=True, check=True).stdout
             runs[arena].append(json.loads(output.strip().splitlines()[-1]))
     _report(runs, options)
 
