@@ -40,7 +40,9 @@ class StartUp:
 
     def close(self) -> None:
         """Undo everything: collect again, and put back what :meth:`done` froze."""
-        self.done()
+        if self._paused:
+            gc.enable()
+            self._paused = False
         if self._frozen:
             gc.unfreeze()
             self._frozen = False
