@@ -38,6 +38,7 @@ from store.checkpoint_files import CheckpointFile, sha256_file
 from store.errors import InputError, first_line
 from store.model_files import LoadedWeights, load_weights_file
 from store.spec import ReactionSpec
+from trainer.allocator import MMAP_THRESHOLD, freed_memory_kept
 from trainer.devices import resolve_device
 
 logger = logging.getLogger(__name__)
@@ -126,9 +127,19 @@ def _computing(network: nn.Module) -> Iterator[None]:
         yield
 
 
-# On a CPU, glibc maps every allocation above 32 MiB afresh and page-faults it on each call;
-# keeping activations under that is 1.35x faster for Model IV at 50x200 (docs/BENCHMARKS.md).
+# On a CPU, glibc maps every allocation above its mmap threshold (32 MiB at most by default)
+# afresh and page-faults it in on each call: sub-batches keep their largest activation under
+# it (1.35x faster for Model IV at 50x200 than whole batches). Where the process keeps freed
+# memory (trainer/allocator.py: analyzer reaction does), blocks up to 256 MiB are reused, and
+# sub-batches under 128 MiB make the thesis models 1.04-1.30x faster still (fewer, larger
+# matrix products; docs/BENCHMARKS.md "A larger sub-batch where freed memory is kept").
 _CPU_ACTIVATION_BUDGET = 32 * 2**20
+_KEPT_MEMORY_ACTIVATION_BUDGET = MMAP_THRESHOLD // 2
+
+
+def cpu_activation_budget() -> int:
+    """The bytes a CPU sub-batch's largest activation may take (see above)."""
+    return _KEPT_MEMORY_ACTIVATION_BUDGET if freed_memory_kept() else _CPU_ACTIVATION_BUDGET
 
 
 class TorchBackend:
@@ -233,7 +244,7 @@ class TorchBackend:
         """Logits, Reaction and empty-map flags of a batch (eval mode, float32).
 
         Each sub-batch costs one forward and one ``autograd.grad``. On a CPU the batch is cut
-        into sub-batches whose largest activation stays under ``_CPU_ACTIVATION_BUDGET``;
+        into sub-batches whose largest activation stays under :func:`cpu_activation_budget`;
         every image's result depends on that image alone, so the cut changes no value.
         """
         size = self._sub_batch_size(images)
@@ -414,7 +425,7 @@ class TorchBackend:
         shape = tuple(images.shape[1:])
         if shape not in self._bytes_per_image:
             self._bytes_per_image[shape] = _largest_activation_bytes(self.model, images[:1])
-        return max(1, min(len(images), _CPU_ACTIVATION_BUDGET // self._bytes_per_image[shape]))
+        return max(1, min(len(images), cpu_activation_budget() // self._bytes_per_image[shape]))
 
     def compute_batch(self, images: Tensor, labels: Tensor, keep_maps: bool = False) -> BatchResult:
         """One forward and one ``autograd.grad`` for the whole batch, uncut.

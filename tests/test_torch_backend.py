@@ -592,7 +592,7 @@ def test_cpu_sub_batches_under_the_activation_budget_change_no_value(monkeypatch
     images, labels = random_batch(50, case.input_shape, case.classes, 51)
     whole = backend.compute(images, labels, keep_maps=True)
     # 16 channels x 6 x 6 float32 = 2304 bytes is the largest activation of one 8x8 image
-    monkeypatch.setattr("analyzer.torch_backend._CPU_ACTIVATION_BUDGET", 2304 * 7)
+    monkeypatch.setattr("analyzer.torch_backend.cpu_activation_budget", lambda: 2304 * 7)
     assert backend._sub_batch_size(images) == 7
     cut = backend.compute(images, labels, keep_maps=True)
     assert torch.equal(cut.empty, whole.empty)

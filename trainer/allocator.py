@@ -20,16 +20,25 @@ MMAP_THRESHOLD = 256 << 20  # allocations below this come from the heap, which i
 TRIM_THRESHOLD = 1 << 30  # free heap top kept before any is handed back to the kernel
 _M_TRIM_THRESHOLD = -1  # glibc's mallopt parameter numbers (malloc.h)
 _M_MMAP_THRESHOLD = -3
+_kept = False  # whether keep_freed_memory has taken effect in this process
 
 
 def keep_freed_memory() -> bool:
     """Raise glibc's mmap and trim thresholds for this whole process (a no-op elsewhere, and
     there is no undoing it); return whether glibc took both settings."""
+    global _kept
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return False
     try:
         mallopt = ctypes.CDLL(None).mallopt
     except (OSError, AttributeError):  # no C library symbols, or a libc without mallopt
         return False
-    return bool(mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD)) and bool(
+    _kept = bool(mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD)) and bool(
         mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD))
+    return _kept
+
+
+def freed_memory_kept() -> bool:
+    """Whether :func:`keep_freed_memory` has taken effect in this process: blocks below
+    ``MMAP_THRESHOLD`` are then reused from the heap, not mapped afresh."""
+    return _kept
