@@ -131,7 +131,7 @@ def _computing(network: nn.Module) -> Iterator[None]:
 # afresh and page-faults it in on each call: sub-batches keep their largest activation under
 # it (1.35x faster for Model IV at 50x200 than whole batches). Where the process keeps freed
 # memory (trainer/allocator.py: analyzer reaction does), blocks up to 256 MiB are reused, and
-# sub-batches under 128 MiB make the thesis models 1.04-1.30x faster still (fewer, larger
+# sub-batches under 128 MiB make the thesis models 1.08-1.18x faster still (fewer, larger
 # matrix products; docs/BENCHMARKS.md "A larger sub-batch where freed memory is kept").
 _CPU_ACTIVATION_BUDGET = 32 * 2**20
 _KEPT_MEMORY_ACTIVATION_BUDGET = MMAP_THRESHOLD // 2
