@@ -49,6 +49,7 @@ from foreign_workload import (
     LAYER,
     analyzer_argv,
     environment,
+    export_command,
     load_model_module,
     make_workload,
     reaction_command,
@@ -167,11 +168,8 @@ def _export(work: Path, env: dict[str, str], folder: str) -> Path:
     ``env`` puts first on the path (files left by other code are never reused)."""
     out = work / folder
     shutil.rmtree(out, ignore_errors=True)
-    arguments = ["export-onnx", "--ckpt-dir", str(work / "ckpts"), "--model", "mypkg:model2",
-                 "--layer", LAYER, "--image-size", f"{IMAGE_SIZE[0]}x{IMAGE_SIZE[1]}",
-                 "--out", str(out), "-q"]
     began = time.perf_counter()
-    subprocess.run(analyzer_argv(arguments), env=env, cwd=work, check=True,
+    subprocess.run(analyzer_argv(export_command(work, out)), env=env, cwd=work, check=True,
                    stdout=subprocess.DEVNULL)
     print(f"analyzer export-onnx of the 6 checkpoints into {folder} (once): "
           f"{time.perf_counter() - began:.1f} s", flush=True)

@@ -52,9 +52,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from foreign_workload import (
     IMAGE_SIZE,
-    LAYER,
     analyzer_argv,
     environment,
+    export_command,
     make_workload,
     reaction_command,
 )
@@ -192,11 +192,9 @@ def _export(work: Path, code: Path | None, threads: int, label: str) -> Path:
     """``analyzer export-onnx`` of the workload's checkpoints into a folder of ``label``'s."""
     out = work / f"onnx-{re.sub(r'[^a-z]+', '-', label)}"
     if not out.is_dir():
-        arguments = ["export-onnx", "--ckpt-dir", str(work / "ckpts"), "--model", "mypkg:model2",
-                     "--layer", LAYER, "--image-size", f"{IMAGE_SIZE[0]}x{IMAGE_SIZE[1]}",
-                     "--out", str(out), "-q"]
         began = time.perf_counter()
-        subprocess.run(analyzer_argv(arguments), env=environment(work, code, threads),
+        subprocess.run(analyzer_argv(export_command(work, out)),
+                       env=environment(work, code, threads),
                        cwd=work, check=True, stdout=subprocess.DEVNULL)
         print(f"{label}: export-onnx of 6 checkpoints took {time.perf_counter() - began:.1f} s")
     return out

@@ -107,6 +107,13 @@ def reaction_command(root: Path, backend: str, out: Path, epochs: str | None = N
     return command
 
 
+def export_command(root: Path, out: Path) -> list[str]:
+    """``analyzer export-onnx`` of the workload's checkpoints into ``out``."""
+    return ["export-onnx", "--ckpt-dir", str(Path(root) / "ckpts"), "--model", "mypkg:model2",
+            "--layer", LAYER, "--image-size", f"{IMAGE_SIZE[0]}x{IMAGE_SIZE[1]}",
+            "--out", str(out), "-q"]
+
+
 def environment(root: Path, code: Path | None, threads: int) -> dict[str, str]:
     """The subprocesses' environment: ``mypkg`` importable, ``code`` (another checkout of
     this project, e.g. main's) first on the path, ``threads`` threads."""

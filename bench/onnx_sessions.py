@@ -29,9 +29,9 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from foreign_workload import (
     IMAGE_SIZE,
-    LAYER,
     analyzer_argv,
     environment,
+    export_command,
     make_workload,
 )
 
@@ -53,10 +53,7 @@ def main() -> None:
         return
     make_workload(options.work)
     if not folder.exists():
-        subprocess.run(analyzer_argv(["export-onnx", "--ckpt-dir", str(options.work / "ckpts"),
-                                      "--model", "mypkg:model2", "--layer", LAYER,
-                                      "--image-size", f"{IMAGE_SIZE[0]}x{IMAGE_SIZE[1]}",
-                                      "--out", str(folder), "-q"]),
+        subprocess.run(analyzer_argv(export_command(options.work, folder)),
                        env=environment(options.work, None, 2), cwd=options.work, check=True,
                        stdout=subprocess.DEVNULL)
     runs: dict[str, list[dict]] = {"shared": [], "own": []}
